@@ -1,0 +1,217 @@
+"""The ``flashsale`` command: web, worker, scheduler, migrate, seed, refunds, run."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import os
+import secrets
+import sys
+from datetime import UTC, datetime, timedelta
+
+from flashsale import embedded, logs
+from flashsale.config import Settings
+
+log = logging.getLogger("flashsale")
+
+SCHEDULE = (
+    # (job id, function, every n seconds): fixed ids, so a second scheduler replaces
+    # rather than doubles them.
+    ("flashsale-sweep", "schedules.jobs.sweep", None),
+    ("flashsale-purge", "schedules.jobs.purge", 3600),
+)
+
+
+def load_settings() -> Settings:
+    """Settings from the environment; an unset REDIS_URL means the embedded Redis."""
+    settings = Settings.from_env()
+    logs.setup(settings.log_json)
+    if not settings.redis_url:
+        settings = dataclasses.replace(settings, redis_url=embedded.redis_url(settings.data_dir))
+    return settings
+
+
+def init_database(settings: Settings) -> None:
+    import models
+
+    models.initialize(settings.database_url)
+
+
+def cmd_web(args: argparse.Namespace) -> None:
+    from aiohttp import web
+
+    from gateway.app import create_app
+
+    settings = load_settings()
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:  # pragma: no cover - uvloop is optional off Linux/macOS
+        pass
+    web.run_app(create_app(settings), host=args.host, port=settings.port, access_log=None,
+                print=lambda msg: log.info(msg.strip()))
+
+
+def cmd_worker(args: argparse.Namespace) -> None:
+    import redis
+
+    from workers import keys
+    from workers.worker import DrainWorker
+
+    settings = load_settings()
+    init_database(settings)
+    os.environ["REDIS_URL"] = settings.redis_url  # drain jobs read their settings from env
+    conn = redis.Redis.from_url(settings.redis_url)
+    worker = DrainWorker([keys.DRAIN_QUEUE, keys.MAINTENANCE_QUEUE], connection=conn)
+    worker.work(burst=args.burst, logging_level="WARNING",
+                with_scheduler=False)
+
+
+def cmd_scheduler(args: argparse.Namespace) -> None:
+    import redis
+    from rq_scheduler import Scheduler
+
+    from workers import keys
+
+    settings = load_settings()
+    conn = redis.Redis.from_url(settings.redis_url)
+    scheduler = Scheduler(queue_name=keys.MAINTENANCE_QUEUE, connection=conn,
+                          interval=settings.sweep_interval_seconds)
+    start = datetime.now(UTC) + timedelta(seconds=1)
+    for job_id, func, every in SCHEDULE:
+        if job_id in scheduler:
+            scheduler.cancel(job_id)
+        scheduler.schedule(scheduled_time=start, func=func, id=job_id, repeat=None,
+                           interval=every or settings.sweep_interval_seconds, result_ttl=0,
+                           timeout=60, queue_name=keys.MAINTENANCE_QUEUE)
+    log.info("scheduler started: sweep every %ss", settings.sweep_interval_seconds)
+    scheduler.run()
+
+
+def cmd_migrate(args: argparse.Namespace) -> None:
+    from models.migrate import migrate
+
+    settings = load_settings_without_redis()
+    init_database(settings)
+    version = migrate()
+    print(f"schema at version {version} ({settings.database_url.split('@')[-1]})")
+
+
+def load_settings_without_redis() -> Settings:
+    settings = Settings.from_env()
+    logs.setup(settings.log_json)
+    return settings
+
+
+def cmd_seed(args: argparse.Namespace) -> None:
+    from flashsale.clock import now_ms
+    from models import Product
+
+    settings = load_settings_without_redis()
+    init_database(settings)
+    product = Product.get_or_none(Product.name == args.name)
+    if product is None:
+        product = Product.create(name=args.name, price_cents=args.price_cents,
+                                 currency=args.currency, stock=args.stock, reserved=0,
+                                 created_at=now_ms())
+    print(product.id)
+
+
+def cmd_refunds(args: argparse.Namespace) -> None:
+    from flashsale.clock import rfc3339
+    from models import Order, Webhook
+
+    settings = load_settings_without_redis()
+    init_database(settings)
+    rows = (Webhook.select(Webhook, Order)
+            .join(Order, on=(Order.id == Webhook.order_id))
+            .where(Webhook.refund_due == True)  # noqa: E712 - peewee expression
+            .order_by(Webhook.received_at))
+    print("received_at               idempotency_key          order_id                  amount")
+    count = 0
+    for hook in rows:
+        order = hook.order
+        print(f"{rfc3339(hook.received_at)}  {hook.idempotency_key:<24} {hook.order_id:<25} "
+              f"{order.amount_cents / 100:.2f} {order.currency}")
+        count += 1
+    print(f"{count} payment(s) to refund")
+
+
+def cmd_run(args: argparse.Namespace) -> None:
+    """Everything on one machine: embedded Redis and SQLite unless told otherwise."""
+    from honcho.manager import Manager
+
+    settings = load_settings()
+    env = dict(os.environ, REDIS_URL=settings.redis_url, DATABASE_URL=settings.database_url,
+               PORT=str(settings.port), PYTHONUNBUFFERED="1")
+    env.setdefault("ADMIN_TOKEN", settings.admin_token or secrets.token_urlsafe(16))
+    os.environ.update(env)
+    cmd_migrate(args)
+    seeded = _seed_demo(settings)
+    exe = f"{sys.executable} -m flashsale.cli"
+    manager = Manager()
+    manager.add_process("web", f"{exe} web", env=env)
+    for n in range(args.workers):
+        manager.add_process(f"worker.{n + 1}", f"{exe} worker", env=env)
+    manager.add_process("scheduler", f"{exe} scheduler", env=env)
+    url = f"http://127.0.0.1:{settings.port}"
+    print(f"""
+flash-sale checkout is starting on {url}  (Ctrl-C stops it)
+  database: {settings.database_url}
+  redis:    {settings.redis_url}
+  admin:    Authorization: Bearer {env['ADMIN_TOKEN']}
+
+Try it:
+  curl -s {url}/api/products/{seeded}
+  curl -s -X POST {url}/api/holds -H 'Content-Type: application/json' \\
+       -d '{{"product_id": {seeded}, "qty": 1}}'
+""", flush=True)
+    manager.loop()
+    sys.exit(manager.returncode)
+
+
+def _seed_demo(settings: Settings) -> int:
+    from flashsale.clock import now_ms
+    from models import Product
+
+    init_database(settings)
+    product = Product.get_or_none(Product.name == DEMO["name"])
+    if product is None:
+        product = Product.create(**DEMO, reserved=0, created_at=now_ms())
+    return product.id
+
+
+DEMO = {"name": "Demo sneaker drop", "price_cents": 1999, "currency": "USD", "stock": 100}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="flashsale", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    web = sub.add_parser("web", help="the HTTP gateway (PORT)")
+    web.add_argument("--host", default=os.environ.get("HOST", "0.0.0.0"))
+    web.set_defaults(func=cmd_web)
+    worker = sub.add_parser("worker", help="an rq worker draining product queues")
+    worker.add_argument("--burst", action="store_true", help="exit when the queues are empty")
+    worker.set_defaults(func=cmd_worker)
+    sub.add_parser("scheduler", help="periodic expiry, webhook retry and re-wake") \
+        .set_defaults(func=cmd_scheduler)
+    sub.add_parser("migrate", help="create or upgrade the schema").set_defaults(func=cmd_migrate)
+    seed = sub.add_parser("seed", help="create a product directly in the database")
+    seed.add_argument("--name", default=DEMO["name"])
+    seed.add_argument("--price-cents", type=int, default=DEMO["price_cents"])
+    seed.add_argument("--currency", default=DEMO["currency"])
+    seed.add_argument("--stock", type=int, default=DEMO["stock"])
+    seed.set_defaults(func=cmd_seed)
+    sub.add_parser("refunds", help="paid webhooks for cancelled orders, to refund") \
+        .set_defaults(func=cmd_refunds)
+    run = sub.add_parser("run", help="all-in-one local mode (web, workers, scheduler)")
+    run.add_argument("--workers", type=int, default=2)
+    run.set_defaults(func=cmd_run)
+    args = parser.parse_args(argv)
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,62 @@
+"""Configuration: one frozen dataclass read from the environment (defaults of API.md)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+DEFAULT_DATA_DIR = ".flashsale"
+
+
+def _int(env: Mapping[str, str], name: str, default: int) -> int:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise SystemExit(f"{name} must be an integer, got {raw!r}") from None
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything a process needs to know; tests build it directly."""
+
+    port: int = 8000
+    database_url: str = ""
+    redis_url: str = ""
+    hold_ttl_seconds: int = 120
+    order_payment_ttl_seconds: int = 900
+    max_qty_per_hold: int = 10
+    default_wait_seconds: float = 5.0
+    max_wait_seconds: float = 60.0
+    webhook_secret: str | None = None
+    admin_token: str | None = None
+    batch_size: int = 200
+    lease_ms: int = 5000
+    job_ttl_seconds: int = 25 * 3600
+    sweep_interval_seconds: int = 1
+    log_json: bool = False
+    data_dir: str = DEFAULT_DATA_DIR
+    extra: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        env = os.environ if env is None else env
+        data_dir = env.get("FLASHSALE_DATA_DIR") or DEFAULT_DATA_DIR
+        return cls(
+            port=_int(env, "PORT", 8000),
+            database_url=env.get("DATABASE_URL") or f"sqlite:///{data_dir}/flashsale.db",
+            redis_url=env.get("REDIS_URL") or "",
+            hold_ttl_seconds=_int(env, "HOLD_TTL_SECONDS", 120),
+            order_payment_ttl_seconds=_int(env, "ORDER_PAYMENT_TTL_SECONDS", 900),
+            max_qty_per_hold=_int(env, "MAX_QTY_PER_HOLD", 10),
+            default_wait_seconds=float(_int(env, "DEFAULT_WAIT_SECONDS", 5)),
+            webhook_secret=env.get("WEBHOOK_SECRET") or None,
+            admin_token=env.get("ADMIN_TOKEN") or None,
+            batch_size=_int(env, "BATCH_SIZE", 200),
+            lease_ms=_int(env, "DRAIN_LEASE_MS", 5000),
+            log_json=(env.get("LOG_FORMAT", "").lower() == "json"),
+            data_dir=data_dir,
+        )

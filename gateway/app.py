@@ -1,0 +1,110 @@
+"""The aiohttp application factory. Nothing connects at import time."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+
+import orjson
+import redis
+import redis.asyncio as aioredis
+from aiohttp import web
+
+import models
+from flashsale.config import Settings
+from flashsale.problems import problem
+from gateway import handlers, openapi
+from gateway.errors import problem_middleware, problem_response
+from gateway.metrics import CONTENT_TYPE, Metrics, metrics_middleware
+from gateway.replies import ReplyHub
+from gateway.submit import Scripts
+from gateway.typedefs import (
+    EXECUTOR,
+    METRICS,
+    REDIS,
+    REPLIES,
+    SCRIPTS,
+    SETTINGS,
+    SYNC_REDIS,
+)
+from workers import reads
+
+access = logging.getLogger("flashsale.access")
+
+# Concurrent waiters share these; a blocking pool makes requests queue for a connection
+# instead of failing when all are busy.
+REDIS_MAX_CONNECTIONS = 256
+
+
+def log_request(request: web.Request, status: int, seconds: float) -> None:
+    access.info("%s %s %s", request.method, request.path_qs, status,
+                extra={"status": status, "ms": round(seconds * 1000, 2)})
+
+
+def create_app(settings: Settings) -> web.Application:
+    metrics = Metrics()
+    app = web.Application(client_max_size=handlers.MAX_BODY,
+                          middlewares=[metrics_middleware(metrics, log_request),
+                                       problem_middleware])
+    app[SETTINGS] = settings
+    app[METRICS] = metrics
+    app.cleanup_ctx.append(_database)
+    app.cleanup_ctx.append(_redis)
+    handlers.add_routes(app)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/metrics", metrics_endpoint)
+    app.router.add_get("/api/openapi.json", openapi_endpoint)
+    return app
+
+
+async def _database(app: web.Application) -> AsyncIterator[None]:
+    models.initialize(app[SETTINGS].database_url)
+    app[EXECUTOR] = ThreadPoolExecutor(max_workers=16, thread_name_prefix="db")
+    yield
+    app[EXECUTOR].shutdown(wait=False, cancel_futures=True)
+    models.db.close_all() if hasattr(models.db, "close_all") else models.db.close()
+
+
+async def _redis(app: web.Application) -> AsyncIterator[None]:
+    url = app[SETTINGS].redis_url
+    pool = aioredis.BlockingConnectionPool.from_url(
+        url, max_connections=REDIS_MAX_CONNECTIONS, timeout=10, health_check_interval=30)
+    conn = aioredis.Redis(connection_pool=pool)
+    app[REDIS] = conn
+    app[SYNC_REDIS] = redis.Redis.from_url(url)
+    app[SCRIPTS] = Scripts.register(conn)
+    app[REPLIES] = ReplyHub(conn)
+    await app[REPLIES].start()
+    yield
+    await app[REPLIES].stop()
+    await conn.aclose()
+    await pool.disconnect()
+    app[SYNC_REDIS].close()
+
+
+async def healthz(request: web.Request) -> web.Response:
+    checks = {}
+    try:
+        checks["redis"] = bool(await asyncio.wait_for(request.app[REDIS].ping(), 2))
+    except Exception:
+        checks["redis"] = False
+    try:
+        checks["database"] = await asyncio.wait_for(
+            handlers.in_executor(request, reads.ping), 3)
+    except Exception:
+        checks["database"] = False
+    if all(checks.values()):
+        return handlers.json_response({"status": "ok", "checks": checks})
+    failing = ", ".join(k for k, ok in checks.items() if not ok)
+    return problem_response(problem(503, detail=f"Unreachable: {failing}", checks=checks))
+
+
+async def metrics_endpoint(request: web.Request) -> web.Response:
+    body = await request.app[METRICS].render(request.app[REDIS])
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
+
+
+async def openapi_endpoint(request: web.Request) -> web.Response:
+    return web.Response(body=orjson.dumps(openapi.document()), content_type="application/json")

@@ -1,0 +1,273 @@
+"""HTTP handlers: load the body, call one function, shape the response."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import time
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from flashsale.problems import not_found, problem
+from gateway import schemas
+from gateway.errors import ProblemError
+from gateway.replies import job_status
+from gateway.submit import (
+    Answer,
+    Preference,
+    Write,
+    fingerprint,
+    idempotency_key,
+    product_from_cache,
+    submit,
+)
+from gateway.typedefs import EXECUTOR, REDIS, SETTINGS
+from workers import keys, reads
+
+MAX_BODY = 64 * 1024
+SIGNATURE_TOLERANCE_S = 300
+JSON = "application/json"
+
+
+def json_response(body: Any, status: int = 200, headers: dict[str, str] | None = None
+                  ) -> web.Response:
+    return web.Response(status=status, body=orjson.dumps(body), content_type=JSON,
+                        headers=headers)
+
+
+async def read_body(request: web.Request) -> bytes:
+    if request.content_length is not None and request.content_length > MAX_BODY:
+        raise web.HTTPRequestEntityTooLarge(max_size=MAX_BODY,
+                                            actual_size=request.content_length)
+    if request.content_type != JSON:
+        raise ProblemError(problem(415, detail="The body must be application/json"))
+    return await request.read()
+
+
+def parse_json(raw: bytes) -> Any:
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise ProblemError(problem(400, "Malformed JSON", str(exc),
+                                   slug="malformed-json")) from None
+
+
+async def read_json(request: web.Request) -> Any:
+    return parse_json(await read_body(request))
+
+
+def preference(request: web.Request) -> Preference:
+    settings = request.app[SETTINGS]
+    return Preference.parse(request.headers.getall("Prefer", []),
+                            settings.default_wait_seconds, settings.max_wait_seconds)
+
+
+def respond(answer: Answer, prefer: Preference, location: str | None = None) -> web.Response:
+    """The final result when there is one, else 202 pointing at the job."""
+    headers = {"Preference-Applied": prefer.applied} if prefer.applied else {}
+    if answer.result is not None:
+        if location and answer.result["status"] == 201:
+            headers["Location"] = location.format(**answer.result["body"])
+        return _result_response(answer.result, headers)
+    url = f"/api/jobs/{answer.job_id}"
+    body = {"job_id": answer.job_id,
+            "status": answer.status if answer.status == "processing" else "queued",
+            "status_url": url}
+    if answer.resource:
+        body[answer.resource[0]] = answer.resource[1]
+    headers.update({"Location": url, "Retry-After": "1"})
+    return json_response(body, 202, headers)
+
+
+def _result_response(result: dict[str, Any], headers: dict[str, str]) -> web.Response:
+    status = int(result["status"])
+    content_type = "application/problem+json" if status >= 400 else JSON
+    return web.Response(status=status, body=orjson.dumps(result["body"]),
+                        content_type=content_type, headers=headers)
+
+
+async def in_executor(request: web.Request, func: Any, *args: Any) -> Any:
+    return await asyncio.get_running_loop().run_in_executor(request.app[EXECUTOR], func, *args)
+
+
+# --- products -------------------------------------------------------------------------
+
+async def get_product(request: web.Request) -> web.Response:
+    product_id = _positive_int(request.match_info["product_id"], "Product")
+    product = await product_from_cache(request.app, product_id)
+    if product is None:
+        raise ProblemError(not_found("Product", product_id))
+    return json_response(product)
+
+
+def _positive_int(raw: str, what: str) -> int:
+    if not raw.isdigit() or int(raw) < 1 or int(raw) > schemas.MAX_ID:
+        raise ProblemError(not_found(what, raw))
+    return int(raw)
+
+
+# --- holds ----------------------------------------------------------------------------
+
+async def create_hold(request: web.Request) -> web.Response:
+    settings = request.app[SETTINGS]
+    key = idempotency_key(request)
+    body = schemas.load(schemas.hold_schema(settings.max_qty_per_hold), await read_json(request))
+    product_id, qty = body["product_id"], body["qty"]
+    write = Write(product_id=product_id, op="hold", resource="hold_id", admission_qty=qty,
+                  args={"product_id": product_id, "qty": qty,
+                        "hold_id": keys.new_id("hold", product_id)},
+                  idempotency=("holds", key) if key else None,
+                  fingerprint=fingerprint("hold", body))
+    prefer = preference(request)
+    answer = await submit(request.app, write, prefer.wait)
+    return respond(answer, prefer, "/api/holds/{hold_id}")
+
+
+async def get_hold(request: web.Request) -> web.Response:
+    hold_id = request.match_info["hold_id"]
+    view = None
+    if keys.parse_partition(hold_id, "hold") is not None:
+        view = await in_executor(request, reads.hold_view, hold_id)
+    if view is None:
+        raise ProblemError(not_found("Hold", hold_id))
+    return json_response(view)
+
+
+# --- orders ---------------------------------------------------------------------------
+
+async def create_order(request: web.Request) -> web.Response:
+    key = idempotency_key(request)
+    body = schemas.load(schemas.OrderRequest(), await read_json(request))
+    product_id = keys.parse_partition(body["hold_id"], "hold")
+    if product_id is None:
+        raise ProblemError(not_found("Hold", body["hold_id"]))
+    write = Write(product_id=product_id, op="order", resource="order_id",
+                  args={"hold_id": body["hold_id"], "order_id": keys.new_id("ord", product_id)},
+                  idempotency=("orders", key) if key else None,
+                  fingerprint=fingerprint("order", body))
+    prefer = preference(request)
+    answer = await submit(request.app, write, prefer.wait)
+    return respond(answer, prefer, "/api/orders/{order_id}")
+
+
+async def get_order(request: web.Request) -> web.Response:
+    order_id = request.match_info["order_id"]
+    view = None
+    if keys.parse_partition(order_id, "ord") is not None:
+        view = await in_executor(request, reads.order_view, order_id)
+    if view is None:
+        raise ProblemError(not_found("Order", order_id))
+    return json_response(view)
+
+
+# --- jobs -----------------------------------------------------------------------------
+
+async def get_job(request: web.Request) -> web.Response:
+    job_id = request.match_info["job_id"]
+    if keys.parse_partition(job_id, "job") is None:
+        raise ProblemError(not_found("Job", job_id))
+    status, result = await job_status(request.app[REDIS], job_id)
+    if status == "missing":
+        result = await in_executor(request, reads.job_result, job_id)
+        if result is None:
+            raise ProblemError(not_found("Job", job_id))
+        status = "done"
+    body: dict[str, Any] = {"job_id": job_id, "status": status}
+    if result is not None:
+        body["result"] = result
+    return json_response(body)
+
+
+# --- payments -------------------------------------------------------------------------
+
+async def payment_webhook(request: web.Request) -> web.Response:
+    raw = await read_body(request)
+    secret = request.app[SETTINGS].webhook_secret
+    if secret is not None:
+        verify_signature(secret, request.headers.get("X-Webhook-Signature", ""), raw)
+    body = schemas.load(schemas.WebhookRequest(), parse_json(raw))
+    product_id = keys.parse_partition(body["order_id"], "ord")
+    fields = {"order_id": body["order_id"], "status": body["status"]}
+    write = Write(product_id=keys.CATALOG if product_id is None else product_id, op="webhook",
+                  args={**body, "fingerprint": fingerprint("webhook", fields)},
+                  idempotency=("webhook", body["idempotency_key"]),
+                  fingerprint=fingerprint("webhook", fields))
+    answer = await submit(request.app, write, request.app[SETTINGS].default_wait_seconds)
+    if answer.result is None:  # stored in the queue; applied when its turn comes
+        return json_response({"idempotency_key": body["idempotency_key"],
+                              "order_id": body["order_id"], "outcome": "pending"}, 202)
+    return _result_response(answer.result, {})
+
+
+def verify_signature(secret: str, header: str, raw: bytes) -> None:
+    """``t=<unix>,v1=<hex HMAC-SHA256(secret, "<t>.<raw body>")>``; 401 if not valid."""
+    parts: dict[str, list[str]] = {}
+    for item in header.split(","):
+        name, _, value = item.strip().partition("=")
+        parts.setdefault(name, []).append(value)
+    try:
+        timestamp = int(parts["t"][0])
+    except (KeyError, ValueError):
+        raise _unauthorized("Missing or malformed X-Webhook-Signature") from None
+    if abs(time.time() - timestamp) > SIGNATURE_TOLERANCE_S:
+        raise _unauthorized("The signature timestamp is too far from now")
+    expected = hmac.new(secret.encode(), f"{timestamp}.".encode() + raw,
+                        hashlib.sha256).hexdigest()
+    if not any(hmac.compare_digest(expected, v) for v in parts.get("v1", [])):
+        raise _unauthorized("The signature does not match the body")
+
+
+def _unauthorized(detail: str, scheme: str | None = None) -> ProblemError:
+    headers = {"WWW-Authenticate": scheme} if scheme else None
+    return ProblemError(problem(401, detail=detail), headers)
+
+
+# --- admin ----------------------------------------------------------------------------
+
+def require_admin(request: web.Request) -> None:
+    token = request.app[SETTINGS].admin_token
+    if token is None:
+        raise ProblemError(problem(403, detail="Admin endpoints are disabled: ADMIN_TOKEN is "
+                                               "not set"))
+    given = request.headers.get("Authorization", "")
+    scheme, _, credentials = given.partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(credentials.strip().encode(),
+                                                             token.encode()):
+        raise _unauthorized("A valid bearer token is required", 'Bearer realm="admin"')
+
+
+async def create_product(request: web.Request) -> web.Response:
+    require_admin(request)
+    body = schemas.load(schemas.ProductRequest(), await read_json(request))
+    prefer = preference(request)
+    write = Write(product_id=keys.CATALOG, op="create_product", args=body)
+    answer = await submit(request.app, write, prefer.wait)
+    if answer.result is not None and answer.result["status"] == 201:
+        await request.app[REDIS].delete(keys.product(answer.result["body"]["id"]))
+    return respond(answer, prefer, "/api/products/{id}")
+
+
+async def restock(request: web.Request) -> web.Response:
+    require_admin(request)
+    product_id = _positive_int(request.match_info["product_id"], "Product")
+    body = schemas.load(schemas.RestockRequest(), await read_json(request))
+    if await product_from_cache(request.app, product_id) is None:
+        raise ProblemError(not_found("Product", product_id))
+    prefer = preference(request)
+    write = Write(product_id=product_id, op="restock", args={**body, "product_id": product_id})
+    return respond(await submit(request.app, write, prefer.wait), prefer)
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_get("/api/products/{product_id}", get_product)
+    app.router.add_post("/api/holds", create_hold)
+    app.router.add_get("/api/holds/{hold_id}", get_hold)
+    app.router.add_post("/api/orders", create_order)
+    app.router.add_get("/api/orders/{order_id}", get_order)
+    app.router.add_get("/api/jobs/{job_id}", get_job)
+    app.router.add_post("/api/payments/webhook", payment_webhook)
+    app.router.add_post("/api/admin/products", create_product)
+    app.router.add_post("/api/admin/products/{product_id}/restock", restock)

@@ -1,0 +1,102 @@
+"""Waiting for results: one pub/sub channel per gateway process, a future per request.
+
+Drainers publish each batch's answers to the channel named in the envelopes. A waiter
+also reads the job key now and then, so a reply lost with a dropped subscription (or
+sent to another gateway, for an idempotent replay) is still seen.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+from typing import Any
+
+import orjson
+import redis.asyncio as aioredis
+
+from workers import keys
+
+log = logging.getLogger("flashsale.gateway")
+
+POLL_SECONDS = 1.0
+
+
+class ReplyHub:
+    def __init__(self, conn: aioredis.Redis) -> None:
+        self.conn = conn
+        self.channel = keys.reply_channel(secrets.token_hex(8))
+        self._waiting: dict[str, asyncio.Future[dict[str, Any]]] = {}
+        self._task: asyncio.Task[None] | None = None
+        self._ready = asyncio.Event()
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._listen())
+        await asyncio.wait_for(self._ready.wait(), timeout=10)
+
+    async def stop(self) -> None:
+        if self._task:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def _listen(self) -> None:
+        while True:
+            try:
+                async with self.conn.pubsub(ignore_subscribe_messages=True) as pubsub:
+                    await pubsub.subscribe(self.channel)
+                    self._ready.set()
+                    async for message in pubsub.listen():
+                        self._dispatch(message["data"])
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # Redis restarting: resubscribe; waiters poll meanwhile
+                log.warning("reply channel lost (%s); resubscribing", exc)
+                await asyncio.sleep(0.5)
+
+    def _dispatch(self, data: bytes) -> None:
+        for job_id, result in orjson.loads(data):
+            future = self._waiting.pop(job_id, None)
+            if future is not None and not future.done():
+                future.set_result(result)
+
+    def expect(self, job_id: str) -> asyncio.Future[dict[str, Any]]:
+        """Register interest before pushing, so an early reply is not missed."""
+        future = asyncio.get_running_loop().create_future()
+        self._waiting[job_id] = future
+        return future
+
+    def forget(self, job_id: str) -> None:
+        self._waiting.pop(job_id, None)
+
+    async def wait(self, job_id: str, future: asyncio.Future[dict[str, Any]] | None,
+                   timeout: float) -> tuple[str, dict[str, Any] | None]:
+        """Wait up to ``timeout`` s; returns (status, result) with status queued|processing|done."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        status = "queued"
+        try:
+            while True:
+                remaining = deadline - loop.time()
+                if future is not None and remaining > 0:
+                    done, _ = await asyncio.wait({future}, timeout=min(remaining, POLL_SECONDS))
+                    if done:
+                        return "done", future.result()
+                elif remaining > 0:
+                    await asyncio.sleep(min(remaining, POLL_SECONDS / 5))
+                status, result = await job_status(self.conn, job_id)
+                if result is not None or status == "missing" or loop.time() >= deadline:
+                    return status, result
+        finally:
+            self.forget(job_id)
+
+
+async def job_status(conn: aioredis.Redis, job_id: str) -> tuple[str, dict[str, Any] | None]:
+    """(queued|processing|done|missing, result) from the job key."""
+    raw = await conn.get(keys.job(job_id))
+    if raw is None:
+        return "missing", None
+    if raw.startswith(b"{"):
+        return "done", orjson.loads(raw)
+    return raw.decode(), None

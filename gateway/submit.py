@@ -1,0 +1,230 @@
+"""Queued writes: idempotency, admission, push, wait for the answer or say 202.
+
+The gateway decides only what it can decide alone (an unknown product, a product
+clearly sold out); everything else is queued behind the product's other requests and
+decided by its drainer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+import redis.asyncio as aioredis
+from aiohttp import web
+
+from flashsale.problems import idempotency_reused, insufficient_stock, not_found, problem
+from gateway.errors import ProblemError
+from gateway.typedefs import EXECUTOR, METRICS, REDIS, REPLIES, SCRIPTS, SETTINGS, SYNC_REDIS
+from workers import keys, reads
+from workers.client import WAKE_TTL_MS
+from workers.drain import enqueue_drain
+from workers.protocol import FILL, PUSH, Envelope, product_fields, push_keys
+
+# claim: KEYS idempotency key; ARGV "<job id> <fingerprint> <resource id>", ttl s.
+# Returns the earlier claim, or nil when this request now owns the key.
+CLAIM = """
+local seen = redis.call('GET', KEYS[1])
+if seen then return seen end
+redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+return false
+"""
+
+MISSING_TTL_MS = 5000
+
+
+@dataclass
+class Scripts:
+    push: Any
+    fill: Any
+    claim: Any
+
+    @classmethod
+    def register(cls, conn: aioredis.Redis) -> Scripts:
+        return cls(push=conn.register_script(PUSH), fill=conn.register_script(FILL),
+                   claim=conn.register_script(CLAIM))
+
+
+@dataclass(frozen=True)
+class Preference:
+    """How long the client is willing to wait (RFC 7240), and what we tell it we did."""
+
+    wait: float
+    applied: str | None = None
+
+    @classmethod
+    def parse(cls, values: list[str], default: float, maximum: float) -> Preference:
+        wait: float | None = None
+        respond_async = False
+        for value in values:
+            for token in value.split(","):
+                name, _, arg = token.strip().partition("=")
+                name = name.strip().lower()
+                if name == "respond-async":
+                    respond_async = True
+                elif name == "wait":
+                    try:
+                        wait = max(float(arg.strip().strip('"')), 0.0)
+                    except ValueError:
+                        continue
+        if wait is not None:
+            wait = min(wait, maximum)
+            applied = f"wait={wait:g}"
+            return cls(wait, f"respond-async, {applied}" if respond_async else applied)
+        if respond_async:
+            return cls(0.0, "respond-async")
+        return cls(default)
+
+
+@dataclass
+class Write:
+    """One queued request as the handler describes it."""
+
+    product_id: int
+    op: str
+    args: dict[str, Any]
+    resource: str | None = None  # "hold_id" / "order_id": the id promised in a 202
+    admission_qty: int = 0
+    idempotency: tuple[str, str] | None = None  # (scope, key)
+    fingerprint: str = ""
+    job_id: str = field(default="")
+
+    def __post_init__(self) -> None:
+        self.job_id = self.job_id or keys.new_id("job", self.product_id)
+
+
+@dataclass
+class Answer:
+    """Either the final result, or the job still under way."""
+
+    job_id: str
+    result: dict[str, Any] | None
+    status: str = "done"
+    resource: tuple[str, str] | None = None  # ("hold_id", id) promised in a 202
+
+
+def fingerprint(op: str, body: dict[str, Any]) -> str:
+    return hashlib.sha256(orjson.dumps([op, body], option=orjson.OPT_SORT_KEYS)).hexdigest()
+
+
+def idempotency_key(request: web.Request) -> str | None:
+    """The Idempotency-Key header, bare or quoted; 400 when empty or too long."""
+    raw = request.headers.get("Idempotency-Key")
+    if raw is None:
+        return None
+    key = raw.strip()
+    if len(key) >= 2 and key[0] == key[-1] == '"':
+        key = key[1:-1]
+    if not 1 <= len(key) <= 255:
+        raise ProblemError(problem(400, "Invalid Idempotency-Key",
+                                   "Idempotency-Key must be 1 to 255 characters",
+                                   slug="invalid-idempotency-key"))
+    return key
+
+
+async def submit(app: web.Application, write: Write, wait: float) -> Answer:
+    """Queue ``write`` (or find its earlier twin) and wait up to ``wait`` seconds."""
+    settings = app[SETTINGS]
+    if write.idempotency is not None:
+        scope, key = write.idempotency
+        resource_id = write.args.get(write.resource) if write.resource else None
+        seen = await app[SCRIPTS].claim(
+            keys=[keys.idempotency(scope, key)],
+            args=[f"{write.job_id} {write.fingerprint} {resource_id or '-'}",
+                  settings.job_ttl_seconds])
+        if seen is not None:
+            return await _replay(app, write, seen.decode(), wait)
+    return await _push(app, write, wait)
+
+
+async def _replay(app: web.Application, write: Write, seen: str, wait: float) -> Answer:
+    job_id, first_fingerprint, resource_id = seen.split(" ")
+    if first_fingerprint != write.fingerprint:
+        raise ProblemError(idempotency_reused())
+    status, result = await app[REPLIES].wait(job_id, None, 0)
+    if write.resource and resource_id != "-":
+        write.args[write.resource] = resource_id
+    if status == "missing":  # Redis lost the job: queue it again, the worker dedups by id
+        write.job_id = job_id
+        return await _push(app, write, wait)
+    if result is None and wait > 0:
+        status, result = await app[REPLIES].wait(job_id, None, wait)
+    return Answer(job_id, result, status, _resource(write))
+
+
+async def _push(app: web.Application, write: Write, wait: float) -> Answer:
+    conn, settings, hub = app[REDIS], app[SETTINGS], app[REPLIES]
+    envelope = Envelope(id=write.job_id, op=write.op, args=write.args,
+                        idem=(f"{write.idempotency[0]}:{write.idempotency[1]}",
+                              write.fingerprint) if write.idempotency else None,
+                        reply=hub.channel)
+    app[METRICS].track(write.product_id)
+    future = hub.expect(write.job_id)
+    args = [envelope.encode(), write.admission_qty, settings.job_ttl_seconds, WAKE_TTL_MS]
+    push_keys_ = push_keys(write.product_id, write.job_id)
+    code = await app[SCRIPTS].push(keys=push_keys_, args=args)
+    if code[0] == 3:  # product not cached yet: read it once, then try again
+        await cache_product(app, write.product_id)
+        code = await app[SCRIPTS].push(keys=push_keys_, args=args)
+    if code[0] in (2, 3, 4):
+        hub.forget(write.job_id)
+        if code[0] == 2:
+            app[METRICS].holds_refused_fast.inc()
+            result = {"status": 409, "body": insufficient_stock(int(code[1]),
+                                                                write.admission_qty)}
+        else:
+            result = {"status": 404, "body": not_found("Product", write.product_id)}
+        if write.idempotency is not None:  # a replay must see the same answer
+            await conn.set(keys.job(write.job_id), orjson.dumps(result),
+                           ex=settings.job_ttl_seconds)
+        return Answer(write.job_id, result)
+    if code[0] == 1:
+        await _wake(app, write.product_id)
+    status, result = await hub.wait(write.job_id, future, wait)
+    return Answer(write.job_id, result, status, _resource(write))
+
+
+def _resource(write: Write) -> tuple[str, str] | None:
+    if write.resource and write.resource in write.args:
+        return write.resource, str(write.args[write.resource])
+    return None
+
+
+async def _wake(app: web.Application, product_id: int) -> None:
+    loop = asyncio.get_running_loop()
+    await loop.run_in_executor(app[EXECUTOR], enqueue_drain, app[SYNC_REDIS], product_id)
+
+
+async def cache_product(app: web.Application, product_id: int) -> dict[str, Any] | None:
+    """Fill the product cache from the database (only if absent); None if unknown."""
+    loop = asyncio.get_running_loop()
+    view = await loop.run_in_executor(app[EXECUTOR], reads.product_view, product_id)
+    conn = app[REDIS]
+    key = keys.product(product_id)
+    if view is None:
+        async with conn.pipeline(transaction=True) as pipe:
+            pipe.hsetnx(key, "missing", 1)
+            pipe.pexpire(key, MISSING_TTL_MS)
+            await pipe.execute()
+        return None
+    flat: list[Any] = []
+    for name, value in product_fields(view).items():
+        flat += [name, value]
+    await app[SCRIPTS].fill(keys=[key], args=flat)
+    return view
+
+
+async def product_from_cache(app: web.Application, product_id: int) -> dict[str, Any] | None:
+    """The product as the cache has it, reading through to the database on a miss."""
+    cached = await app[REDIS].hgetall(keys.product(product_id))
+    if b"stock" in cached:
+        return {"id": int(cached[b"id"]), "name": cached[b"name"].decode(),
+                "price_cents": int(cached[b"price_cents"]),
+                "currency": cached[b"currency"].decode(), "stock": int(cached[b"stock"]),
+                "available": max(int(cached[b"available"]), 0)}
+    if b"missing" in cached:
+        return None
+    return await cache_product(app, product_id)

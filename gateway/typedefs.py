@@ -1,0 +1,26 @@
+"""The application's typed keys: every handle a handler needs, created at startup."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING
+
+import redis
+import redis.asyncio as aioredis
+from aiohttp import web
+
+from flashsale.config import Settings
+
+if TYPE_CHECKING:
+    from gateway.metrics import Metrics
+    from gateway.replies import ReplyHub
+    from gateway.submit import Scripts
+
+SETTINGS = web.AppKey("settings", Settings)
+REDIS = web.AppKey("redis", aioredis.Redis)
+# rq is synchronous: drain jobs are enqueued through this client, from the executor.
+SYNC_REDIS = web.AppKey("sync_redis", redis.Redis)
+EXECUTOR = web.AppKey("executor", ThreadPoolExecutor)
+REPLIES: web.AppKey[ReplyHub] = web.AppKey("replies")
+SCRIPTS: web.AppKey[Scripts] = web.AppKey("scripts")
+METRICS: web.AppKey[Metrics] = web.AppKey("metrics")

@@ -1,0 +1,42 @@
+"""Schema creation and upgrades: ordered steps, each applied once, recorded in a table."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+
+from models.db import db, is_sqlite
+from models.tables import TABLES, SchemaVersion
+
+log = logging.getLogger(__name__)
+
+
+def _v1_create_tables() -> None:
+    if not is_sqlite():
+        # Ids and idempotency keys are compared byte for byte ("K" is not "k").
+        for model in TABLES:
+            model._meta.table_settings = ["DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin"]
+    db.create_tables(TABLES, safe=True)
+
+
+# Append new steps; never edit an applied one. A step uses playhouse.migrate to add
+# columns or indexes so existing rows are kept.
+STEPS: list[tuple[int, Callable[[], None]]] = [
+    (1, _v1_create_tables),
+]
+
+
+def migrate() -> int:
+    """Bring the schema up to date; returns the version reached. Safe to run repeatedly."""
+    db.create_tables([SchemaVersion], safe=True)
+    done = {row.version for row in SchemaVersion.select()}
+    for version, step in STEPS:
+        if version in done:
+            continue
+        with db.atomic():
+            step()
+            SchemaVersion.insert(version=version, applied_at=int(time.time() * 1000)) \
+                .on_conflict_ignore().execute()
+        log.info("schema migrated to version %s", version)
+    return max(v for v, _ in STEPS)

@@ -1,0 +1,256 @@
+"""Apply one batch of requests to one product in one database transaction.
+
+lock -> load -> pure decision (``Ledger``) -> bulk write -> commit. A batch whose commit
+trips a schema guard is retried one request per transaction, so only the offending
+request fails.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+import peewee as pw
+
+from flashsale.clock import now_ms
+from flashsale.problems import problem
+from models import (
+    Hold,
+    HoldStatus,
+    IdempotencyRecord,
+    Order,
+    OrderStatus,
+    Product,
+    RequestRecord,
+    Webhook,
+    atomic,
+    is_sqlite,
+)
+from workers import keys
+from workers.decide import Ledger, Policy, ProductState, Request, Result, WebhookState
+from workers.reads import hold_state, order_state, product_state
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Outcome:
+    """What a committed batch answers, and the product as it now stands."""
+
+    results: dict[str, Result]
+    product: dict[str, Any] | None
+    revised: dict[str, Result] = field(default_factory=dict)
+
+
+def apply_batch(product_id: int, requests: list[Request], policy: Policy) -> Outcome:
+    """Apply ``requests`` in order in one transaction; one per request if a guard trips."""
+    try:
+        with atomic():
+            return _apply(product_id, requests, policy)
+    except pw.IntegrityError as exc:
+        log.warning("batch of %d on product %d tripped a guard (%s); retrying one by one",
+                    len(requests), product_id, exc)
+    outcome = Outcome(results={}, product=None)
+    for req in requests:
+        try:
+            with atomic():
+                one = _apply(product_id, [req], policy)
+        except pw.IntegrityError as exc:
+            log.warning("request %s on product %d rejected by a guard: %s", req.id,
+                        product_id, exc)
+            one = _reject(product_id, req, exc)
+        outcome.results.update(one.results)
+        outcome.revised.update(one.revised)
+        outcome.product = one.product or outcome.product
+    return outcome
+
+
+def _reject(product_id: int, req: Request, exc: Exception) -> Outcome:
+    result = Result(409, problem(409, "Conflict", "The request conflicts with the current "
+                                 "state and was not applied", slug="conflict"))
+    with atomic():
+        RequestRecord.insert(id=req.id, product_id=product_id, op=req.op,
+                             status_code=result.status, body=orjson.dumps(result.body).decode(),
+                             created_at=now_ms()).on_conflict_ignore().execute()
+        product = _lock_product(product_id)
+    return Outcome({req.id: result}, product.view() if product else None)
+
+
+def _apply(product_id: int, requests: list[Request], policy: Policy) -> Outcome:
+    now = now_ms()
+    product = _lock_product(product_id)
+    ledger = Ledger(product=product, now=now, policy=policy)
+    _load(ledger, product_id, requests)
+    todo = [r for r in requests if r.id not in ledger.results]
+    ledger.apply([r for r in todo if r.op != "create_product"])
+    ledger.answers.update(_create_products(todo, now))
+    _write(ledger, product_id, todo)
+    results = {r.id: ledger.results.get(r.id) or ledger.answers[r.id] for r in requests}
+    return Outcome(results, ledger.product.view() if ledger.product else None,
+                   ledger.revised_results())
+
+
+def _lock_product(product_id: int) -> ProductState | None:
+    """The product row, locked against any other writer until commit."""
+    query = Product.select().where(Product.id == product_id)
+    if not is_sqlite():
+        query = query.for_update()
+    row = query.first()
+    return product_state(row) if row else None
+
+
+def _chunks(values: Iterable[Any], size: int = 500) -> Iterable[list[Any]]:
+    values = list(values)
+    for start in range(0, len(values), size):
+        yield values[start:start + size]
+
+
+def _load(ledger: Ledger, product_id: int, requests: list[Request]) -> None:
+    """Read, in a few queries, every row the batch's decisions depend on."""
+    ids = [r.id for r in requests]
+    for rows in _chunks(ids):
+        for rec in RequestRecord.select().where(RequestRecord.id.in_(rows)):
+            ledger.results[rec.id] = Result(rec.status_code, orjson.loads(rec.body))
+    todo = [r for r in requests if r.id not in ledger.results]
+    ops = {r.op for r in todo}
+
+    idem = {r.idem[0] for r in todo if r.idem}
+    if idem:
+        records = list(IdempotencyRecord.select().where(IdempotencyRecord.id.in_(idem)))
+        ledger.idempotency.update({rec.id: (rec.fingerprint, rec.request_id)
+                                   for rec in records})
+        firsts = [rec.request_id for rec in records if rec.request_id not in ledger.results]
+        for rec in RequestRecord.select().where(RequestRecord.id.in_(firsts or [""])):
+            ledger.results[rec.id] = Result(rec.status_code, orjson.loads(rec.body))
+
+    hold_ids = {str(r.args["hold_id"]) for r in todo if r.op == "order"}
+    hooks = {str(r.args["idempotency_key"]): str(r.args["order_id"])
+             for r in todo if r.op == "webhook"}
+    new_orders = {str(r.args["order_id"]) for r in todo if r.op == "order"}
+    if product_id == keys.CATALOG:
+        _load_webhooks(ledger, Webhook.idempotency_key.in_(list(hooks) or [""]))
+        return
+    if hold_ids:
+        _load_holds(ledger, (Hold.id.in_(list(hold_ids))) & (Hold.product == product_id))
+        _load_orders(ledger, Order.hold.in_(list(hold_ids)))
+    if hooks:
+        _load_orders(ledger, Order.id.in_(list(set(hooks.values()))))
+        _load_webhooks(ledger, Webhook.idempotency_key.in_(list(hooks)))
+    if new_orders:  # webhooks that arrived before their order
+        _load_webhooks(ledger, (Webhook.order_id.in_(list(new_orders)))
+                       & (Webhook.outcome == "pending"))
+    if "expire" in ops:
+        _load_holds(ledger, (Hold.product == product_id) & (Hold.status == HoldStatus.ACTIVE)
+                    & (Hold.expires_at <= ledger.now))
+        _load_orders(ledger, (Order.product == product_id)
+                     & (Order.status == OrderStatus.PENDING_PAYMENT)
+                     & (Order.pay_by <= ledger.now))
+    if "retry_webhooks" in ops:
+        _load_webhooks(ledger, (Webhook.product_id == product_id)
+                       & (Webhook.outcome == "pending"))
+        pending = {h.order_id for h in ledger.webhooks.values() if h.outcome == "pending"}
+        if pending:
+            _load_orders(ledger, Order.id.in_(list(pending)))
+
+
+def _load_holds(ledger: Ledger, where: pw.Expression) -> None:
+    for row in Hold.select().where(where):
+        ledger.holds.setdefault(row.id, hold_state(row))
+
+
+def _load_orders(ledger: Ledger, where: pw.Expression) -> None:
+    for row in Order.select().where(where):
+        order = ledger.orders.setdefault(row.id, order_state(row))
+        if order.hold_id in ledger.holds:
+            ledger.holds[order.hold_id].order_id = order.id
+
+
+def _load_webhooks(ledger: Ledger, where: pw.Expression) -> None:
+    for row in Webhook.select().where(where):
+        ledger.webhooks.setdefault(row.idempotency_key, WebhookState(
+            key=row.idempotency_key, order_id=row.order_id, product_id=row.product_id,
+            status=row.status, fingerprint=row.fingerprint, request_id=row.request_id,
+            received_at=row.received_at, outcome=row.outcome,
+            response=Result(row.response_status, orjson.loads(row.response_body)),
+            refund_due=row.refund_due, applied_at=row.applied_at))
+
+
+def _create_products(requests: list[Request], now: int) -> dict[str, Result]:
+    """Product creation, serialized on the catalog partition."""
+    results = {}
+    for req in requests:
+        if req.op != "create_product":
+            continue
+        args = req.args
+        product_id = Product.insert(name=args["name"], price_cents=args["price_cents"],
+                                    currency=args["currency"], stock=args["stock"],
+                                    reserved=0, created_at=now, request_id=req.id).execute()
+        view = ProductState(id=product_id, name=args["name"], price_cents=args["price_cents"],
+                            currency=args["currency"], stock=args["stock"], reserved=0).view()
+        results[req.id] = Result(201, view)
+    return results
+
+
+def _write(ledger: Ledger, product_id: int, requests: list[Request]) -> None:
+    """Persist what the ledger decided: a handful of multi-row statements."""
+    if ledger.product is not None and ledger.product_dirty:
+        Product.update(stock=ledger.product.stock, reserved=ledger.product.reserved) \
+            .where(Product.id == ledger.product.id).execute()
+    for rows in _chunks([{"id": h.id, "product": h.product_id, "qty": h.qty,
+                          "status": str(h.status), "created_at": h.created_at,
+                          "expires_at": h.expires_at, "request_id": h.request_id}
+                         for h in ledger.new_holds]):
+        Hold.insert_many(rows).execute()
+    new_ids = {h.id for h in ledger.new_holds}
+    _update_status(Hold, [ledger.holds[i] for i in ledger.dirty_holds if i not in new_ids])
+    for rows in _chunks([{"id": o.id, "hold": o.hold_id, "product": o.product_id, "qty": o.qty,
+                          "amount_cents": o.amount_cents, "currency": o.currency,
+                          "status": str(o.status), "created_at": o.created_at,
+                          "pay_by": o.pay_by, "closed_at": o.closed_at,
+                          "request_id": o.request_id} for o in ledger.new_orders]):
+        Order.insert_many(rows).execute()
+    new_ids = {o.id for o in ledger.new_orders}
+    dirty_orders = [ledger.orders[i] for i in ledger.dirty_orders if i not in new_ids]
+    for order in dirty_orders:
+        Order.update(status=str(order.status), closed_at=order.closed_at) \
+            .where(Order.id == order.id).execute()
+    for hook in ledger.new_webhooks:
+        Webhook.insert(**_webhook_row(hook)).execute()
+    for hook in ledger.webhook_updates():
+        Webhook.update(**_webhook_row(hook)).where(
+            Webhook.idempotency_key == hook.key).execute()
+    for request_id, result in ledger.revised_results().items():
+        RequestRecord.update(status_code=result.status,
+                             body=orjson.dumps(result.body).decode()) \
+            .where(RequestRecord.id == request_id).execute()
+    if ledger.new_idempotency:
+        IdempotencyRecord.insert_many(
+            [{"id": k, "fingerprint": fp, "request_id": rid, "created_at": ledger.now}
+             for k, (fp, rid) in ledger.new_idempotency.items()]).execute()
+    for rows in _chunks([{"id": r.id, "product_id": product_id, "op": r.op,
+                          "status_code": ledger.answers[r.id].status,
+                          "body": orjson.dumps(ledger.answers[r.id].body).decode(),
+                          "created_at": ledger.now} for r in requests]):
+        RequestRecord.insert_many(rows).execute()
+
+
+def _update_status(model: type[pw.Model], rows: list[Any]) -> None:
+    by_status: dict[str, list[str]] = {}
+    for row in rows:
+        by_status.setdefault(str(row.status), []).append(row.id)
+    for status, ids in by_status.items():
+        for chunk in _chunks(ids):
+            model.update(status=status).where(model.id.in_(chunk)).execute()
+
+
+def _webhook_row(hook: WebhookState) -> dict[str, Any]:
+    return {"idempotency_key": hook.key, "order_id": hook.order_id,
+            "product_id": hook.product_id, "status": hook.status,
+            "fingerprint": hook.fingerprint, "outcome": hook.outcome,
+            "response_status": hook.response.status,
+            "response_body": orjson.dumps(hook.response.body).decode(),
+            "refund_due": hook.refund_due, "received_at": hook.received_at,
+            "applied_at": hook.applied_at, "request_id": hook.request_id}

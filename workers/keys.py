@@ -1,0 +1,93 @@
+"""Every Redis key name and id format of the per-product queue protocol.
+
+All keys of one product share the hash tag ``{p:<id>}`` so that every script touches
+a single Cluster slot. Partition 0 is the catalog partition: product creation and
+webhooks whose order id names no product are serialized there.
+"""
+
+from __future__ import annotations
+
+import secrets
+
+CATALOG = 0
+PREFIX = "fs"
+
+DRAIN_QUEUE = "drain"
+MAINTENANCE_QUEUE = "maintenance"
+
+
+def _tag(product_id: int) -> str:
+    return f"{PREFIX}:{{p:{product_id}}}"
+
+
+def queue(product_id: int) -> str:
+    """Envelopes waiting to be applied, oldest first."""
+    return f"{_tag(product_id)}:q"
+
+
+def inflight(product_id: int) -> str:
+    """Envelopes taken by the drainer and not yet committed and answered."""
+    return f"{_tag(product_id)}:inflight"
+
+
+def lease(product_id: int) -> str:
+    """The drainer's lease: at most one drainer per product."""
+    return f"{_tag(product_id)}:lease"
+
+
+def wake(product_id: int) -> str:
+    """Set while a drain job is pending or running for the product."""
+    return f"{_tag(product_id)}:wake"
+
+
+def product(product_id: int) -> str:
+    """Cached product row plus the admission counter (``queued`` units)."""
+    return f"{_tag(product_id)}:product"
+
+
+def control(product_id: int, op: str) -> str:
+    """Dedup flag for scheduler envelopes (one pending expiry sweep per product)."""
+    return f"{_tag(product_id)}:ctl:{op}"
+
+
+def job_prefix(product_id: int) -> str:
+    return f"{_tag(product_id)}:job:"
+
+
+def job(job_id: str) -> str:
+    """Status or result of one request; the job id names its product partition."""
+    return job_prefix(partition_of(job_id)) + job_id
+
+
+def idempotency(scope: str, key: str) -> str:
+    return f"{PREFIX}:idem:{scope}:{key}"
+
+
+def reply_channel(gateway_id: str) -> str:
+    return f"{PREFIX}:reply:{gateway_id}"
+
+
+BATCH_STATS = f"{PREFIX}:stats:batches"
+
+
+# --- ids -------------------------------------------------------------------------------
+# Opaque to clients, but they carry the product partition so any process can route a
+# request (an order names a hold, a webhook names an order) to the right queue.
+
+def new_id(kind: str, product_id: int) -> str:
+    return f"{kind}_{product_id}_{secrets.token_hex(8)}"
+
+
+def parse_partition(value: str, kind: str) -> int | None:
+    """The product id inside an id of ``kind``, or None when it is not one of ours."""
+    parts = value.split("_")
+    if len(parts) != 3 or parts[0] != kind or not parts[1].isdigit():
+        return None
+    if len(parts[2]) != 16 or not all(c in "0123456789abcdef" for c in parts[2]):
+        return None
+    return int(parts[1])
+
+
+def partition_of(job_id: str) -> int:
+    pid = parse_partition(job_id, "job")
+    return CATALOG if pid is None else pid

@@ -1,0 +1,180 @@
+"""The per-product queue protocol: envelope format and the Lua scripts around it.
+
+An envelope is ``"<job id> <json>"``: the id first so scripts can find the job key
+without decoding JSON. A request's life, all keys in its product's slot:
+
+    push    gateway:  admission check, RPUSH queue, job = "queued", set wake flag
+    take    drainer:  (lease held) re-take the in-flight batch, else LPOP n -> inflight
+    finish  drainer:  (after commit) store results, publish replies, drop inflight,
+                      refresh the product cache and the admission counter
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from workers import keys
+
+QUEUED, PROCESSING = "queued", "processing"
+
+# push: KEYS queue, product, wake, job
+#       ARGV envelope, qty (0: no admission), job ttl s, wake ttl ms
+# -> {0} queued | {1} queued, enqueue a drain job | {2, available} sold out
+#    {3} product not cached | {4} no such product
+PUSH = """
+local qty = tonumber(ARGV[2])
+if qty > 0 then
+  local h = redis.call('HMGET', KEYS[2], 'available', 'queued', 'missing')
+  if h[3] then return {4} end
+  if not h[1] then return {3} end
+  local left = tonumber(h[1]) - tonumber(h[2] or '0')
+  if left < qty then
+    if left < 0 then left = 0 end
+    return {2, left}
+  end
+  redis.call('HINCRBY', KEYS[2], 'queued', qty)
+end
+redis.call('RPUSH', KEYS[1], ARGV[1])
+redis.call('SET', KEYS[4], 'queued', 'EX', ARGV[3])
+if redis.call('SET', KEYS[3], '1', 'NX', 'PX', ARGV[4]) then return {1} end
+return {0}
+"""
+
+# take: KEYS queue, inflight, lease, wake, product
+#       ARGV token, batch size, lease ms, job key prefix
+# -> nil: lease lost | {}: nothing left (lease and wake released) | envelopes
+TAKE = """
+if redis.call('GET', KEYS[3]) ~= ARGV[1] then return false end
+redis.call('PEXPIRE', KEYS[3], ARGV[3])
+local items = redis.call('LRANGE', KEYS[2], 0, -1)
+if #items == 0 then
+  items = redis.call('LPOP', KEYS[1], ARGV[2])
+  if not items then
+    redis.call('DEL', KEYS[4], KEYS[3])
+    if redis.call('EXISTS', KEYS[5]) == 1 then redis.call('HSET', KEYS[5], 'queued', 0) end
+    return {}
+  end
+  redis.call('RPUSH', KEYS[2], unpack(items))
+end
+for _, item in ipairs(items) do
+  local id = string.sub(item, 1, string.find(item, ' ', 1, true) - 1)
+  redis.call('SET', ARGV[4] .. id, 'processing', 'XX', 'KEEPTTL')
+end
+return items
+"""
+
+# finish: KEYS inflight, lease, product
+#         ARGV token, lease ms, job ttl s, job key prefix, admitted units to release,
+#              n product fields, n results, n replies, n keys to delete, then the lists
+# -> 1, or 0 when the lease was lost (the next drainer replays the committed batch)
+FINISH = """
+if redis.call('GET', KEYS[2]) ~= ARGV[1] then return 0 end
+redis.call('PEXPIRE', KEYS[2], ARGV[2])
+redis.call('DEL', KEYS[1])
+local i = 10
+local nfields, nresults = tonumber(ARGV[6]), tonumber(ARGV[7])
+local nreplies, ndel = tonumber(ARGV[8]), tonumber(ARGV[9])
+if nfields > 0 then
+  local fields = {}
+  for j = 0, 2 * nfields - 1 do fields[#fields + 1] = ARGV[i + j] end
+  redis.call('HSET', KEYS[3], unpack(fields))
+  local release = tonumber(ARGV[5])
+  if release > 0 and redis.call('HINCRBY', KEYS[3], 'queued', 0 - release) < 0 then
+    redis.call('HSET', KEYS[3], 'queued', 0)
+  end
+  i = i + 2 * nfields
+end
+for j = 1, nresults do
+  redis.call('SET', ARGV[4] .. ARGV[i], ARGV[i + 1], 'EX', ARGV[3])
+  i = i + 2
+end
+for j = 1, nreplies do
+  redis.call('PUBLISH', ARGV[i], ARGV[i + 1])
+  i = i + 2
+end
+for j = 1, ndel do
+  redis.call('DEL', ARGV[i])
+  i = i + 1
+end
+return 1
+"""
+
+# fill: KEYS product; ARGV field/value pairs. Sets the cache only when absent, so a
+# gateway's database read never overwrites a newer value written by a drainer.
+FILL = """
+if redis.call('HEXISTS', KEYS[1], 'stock') == 1 then return 0 end
+redis.call('DEL', KEYS[1])
+redis.call('HSET', KEYS[1], unpack(ARGV))
+return 1
+"""
+
+# release: KEYS lease; ARGV token. Compare-and-delete.
+RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+SCRIPTS = {"push": PUSH, "take": TAKE, "finish": FINISH, "fill": FILL, "release": RELEASE}
+
+
+@dataclass(frozen=True)
+class Envelope:
+    """One queued request. ``reply`` is the gateway channel waiting for the answer."""
+
+    id: str
+    op: str
+    args: dict[str, Any]
+    idem: tuple[str, str] | None = None
+    reply: str | None = None
+
+    def encode(self) -> bytes:
+        body = {"op": self.op, "args": self.args}
+        if self.idem:
+            body["idem"] = list(self.idem)
+        if self.reply:
+            body["reply"] = self.reply
+        return self.id.encode() + b" " + orjson.dumps(body)
+
+    @classmethod
+    def decode(cls, raw: bytes | str) -> Envelope:
+        data = raw.encode() if isinstance(raw, str) else raw
+        job_id, _, payload = data.partition(b" ")
+        body = orjson.loads(payload)
+        idem = body.get("idem")
+        return cls(id=job_id.decode(), op=body["op"], args=body["args"],
+                   idem=(idem[0], idem[1]) if idem else None, reply=body.get("reply"))
+
+
+def push_keys(product_id: int, job_id: str) -> list[str]:
+    return [keys.queue(product_id), keys.product(product_id), keys.wake(product_id),
+            keys.job(job_id)]
+
+
+def take_keys(product_id: int) -> list[str]:
+    return [keys.queue(product_id), keys.inflight(product_id), keys.lease(product_id),
+            keys.wake(product_id), keys.product(product_id)]
+
+
+def finish_args(token: str, lease_ms: int, job_ttl: int, product_id: int, release: int,
+                fields: dict[str, Any], results: dict[str, bytes],
+                replies: dict[str, bytes], delete: list[str]) -> list[Any]:
+    args: list[Any] = [token, lease_ms, job_ttl, keys.job_prefix(product_id), release,
+                       len(fields), len(results), len(replies), len(delete)]
+    for name, value in fields.items():
+        args += [name, value]
+    for job_id, result in results.items():
+        args += [job_id, result]
+    for channel, payload in replies.items():
+        args += [channel, payload]
+    args += delete
+    return args
+
+
+def product_fields(view: dict[str, Any]) -> dict[str, Any]:
+    """The cache hash of a product view (``queued`` is the admission counter's own)."""
+    return {"id": view["id"], "name": view["name"], "price_cents": view["price_cents"],
+            "currency": view["currency"], "stock": view["stock"],
+            "available": view["available"]}
