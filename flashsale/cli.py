@@ -83,8 +83,10 @@ def cmd_scheduler(args: argparse.Namespace) -> None:
     for job_id, func, every in SCHEDULE:
         if job_id in scheduler:
             scheduler.cancel(job_id)
+        interval = every or settings.sweep_interval_seconds
+        # A repeated job must outlive its interval, or rq-scheduler loses it.
         scheduler.schedule(scheduled_time=start, func=func, id=job_id, repeat=None,
-                           interval=every or settings.sweep_interval_seconds, result_ttl=0,
+                           interval=interval, result_ttl=max(600, 2 * interval),
                            timeout=60, queue_name=keys.MAINTENANCE_QUEUE)
     log.info("scheduler started: sweep every %ss", settings.sweep_interval_seconds)
     scheduler.run()
@@ -168,7 +170,12 @@ Try it:
   curl -s -X POST {url}/api/holds -H 'Content-Type: application/json' \\
        -d '{{"product_id": {seeded}, "qty": 1}}'
 """, flush=True)
-    manager.loop()
+    try:
+        manager.loop()
+    finally:
+        if not os.environ.get("FLASHSALE_KEEP_REDIS") and embedded.is_embedded(
+                settings.redis_url, settings.data_dir):
+            embedded.stop(settings.data_dir)
     sys.exit(manager.returncode)
 
 

@@ -6,6 +6,7 @@ a restart. Any process that finds REDIS_URL unset connects to it (starting it if
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import subprocess
@@ -19,7 +20,7 @@ def redis_url(data_dir: str) -> str:
     data_dir = os.path.abspath(data_dir)
     os.makedirs(data_dir, exist_ok=True)
     socket = os.path.join(data_dir, "redis.sock")
-    url = f"unix://{socket}"
+    url = _url(data_dir)
     with open(os.path.join(data_dir, "redis.lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # one process starts it; the others wait
         if not _alive(url):
@@ -53,7 +54,17 @@ def _wait(url: str, seconds: float = 10.0) -> None:
         time.sleep(0.05)
 
 
+def _url(data_dir: str) -> str:
+    return f"unix://{os.path.join(os.path.abspath(data_dir), 'redis.sock')}"
+
+
+def is_embedded(url: str, data_dir: str) -> bool:
+    return url == _url(data_dir)
+
+
 def stop(data_dir: str) -> None:
-    url = f"unix://{os.path.abspath(data_dir)}/redis.sock"
+    """Shut the embedded Redis down (its append-only file keeps the queues)."""
+    url = _url(data_dir)
     if _alive(url):
-        redis.Redis.from_url(url).shutdown(nosave=True)
+        with contextlib.suppress(redis.ConnectionError):  # it hangs up as it exits
+            redis.Redis.from_url(url).shutdown()
