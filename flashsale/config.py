@@ -55,7 +55,7 @@ class Settings:
             default_wait_seconds=float(_int(env, "DEFAULT_WAIT_SECONDS", 5)),
             webhook_secret=env.get("WEBHOOK_SECRET") or None,
             admin_token=env.get("ADMIN_TOKEN") or None,
-            batch_size=_int(env, "BATCH_SIZE", 200),
+            batch_size=min(max(_int(env, "BATCH_SIZE", 200), 1), 1000),
             lease_ms=_int(env, "DRAIN_LEASE_MS", 5000),
             log_json=(env.get("LOG_FORMAT", "").lower() == "json"),
             data_dir=data_dir,

@@ -120,7 +120,7 @@ async def create_hold(request: web.Request) -> web.Response:
                   args={"product_id": product_id, "qty": qty,
                         "hold_id": keys.new_id("hold", product_id)},
                   idempotency=("holds", key) if key else None,
-                  fingerprint=fingerprint("hold", body))
+                  fingerprint=fingerprint("hold", body) if key else "")
     prefer = preference(request)
     answer = await submit(request.app, write, prefer.wait)
     return respond(answer, prefer, "/api/holds/{hold_id}")
@@ -147,7 +147,7 @@ async def create_order(request: web.Request) -> web.Response:
     write = Write(product_id=product_id, op="order", resource="order_id",
                   args={"hold_id": body["hold_id"], "order_id": keys.new_id("ord", product_id)},
                   idempotency=("orders", key) if key else None,
-                  fingerprint=fingerprint("order", body))
+                  fingerprint=fingerprint("order", body) if key else "")
     prefer = preference(request)
     answer = await submit(request.app, write, prefer.wait)
     return respond(answer, prefer, "/api/orders/{order_id}")
@@ -190,11 +190,10 @@ async def payment_webhook(request: web.Request) -> web.Response:
         verify_signature(secret, request.headers.get("X-Webhook-Signature", ""), raw)
     body = schemas.load(schemas.WebhookRequest(), parse_json(raw))
     product_id = keys.parse_partition(body["order_id"], "ord")
-    fields = {"order_id": body["order_id"], "status": body["status"]}
+    same = fingerprint("webhook", {"order_id": body["order_id"], "status": body["status"]})
     write = Write(product_id=keys.CATALOG if product_id is None else product_id, op="webhook",
-                  args={**body, "fingerprint": fingerprint("webhook", fields)},
-                  idempotency=("webhook", body["idempotency_key"]),
-                  fingerprint=fingerprint("webhook", fields))
+                  args={**body, "fingerprint": same},
+                  idempotency=("webhook", body["idempotency_key"]), fingerprint=same)
     answer = await submit(request.app, write, request.app[SETTINGS].default_wait_seconds)
     if answer.result is None:  # stored in the queue; applied when its turn comes
         return json_response({"idempotency_key": body["idempotency_key"],

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import Any
 
 from marshmallow import EXCLUDE, RAISE, Schema, ValidationError, fields, validate
@@ -35,7 +36,9 @@ class HoldRequest(Schema):
     qty = StrictInteger(required=True)  # upper bound is configuration: see hold_schema()
 
 
+@lru_cache(maxsize=8)
 def hold_schema(max_qty: int) -> HoldRequest:
+    """The hold schema with the configured ``qty`` bound (built once, reused)."""
     schema = HoldRequest()
     schema.fields["qty"].validators = [validate.Range(min=1, max=max_qty)]
     return schema
