@@ -8,7 +8,9 @@ import logging
 import os
 import secrets
 import sys
+from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta
+from typing import Any, cast
 
 from flashsale import embedded, logs
 from flashsale.config import Settings
@@ -127,16 +129,16 @@ def cmd_refunds(args: argparse.Namespace) -> None:
 
     settings = load_settings_without_redis()
     init_database(settings)
-    rows = (Webhook.select(Webhook, Order)
+    rows = (Webhook.select(Webhook.received_at, Webhook.idempotency_key, Webhook.order_id,
+                           Order.amount_cents, Order.currency)
             .join(Order, on=(Order.id == Webhook.order_id))
             .where(Webhook.refund_due == True)  # noqa: E712 - peewee expression
-            .order_by(Webhook.received_at))
-    print("received_at               idempotency_key          order_id                  amount")
+            .order_by(Webhook.received_at).dicts())
+    print(f"{'received_at':<25} {'idempotency_key':<24} {'order_id':<25} amount")
     count = 0
-    for hook in rows:
-        order = hook.order
-        print(f"{rfc3339(hook.received_at)}  {hook.idempotency_key:<24} {hook.order_id:<25} "
-              f"{order.amount_cents / 100:.2f} {order.currency}")
+    for row in cast(Iterable[dict[str, Any]], rows):
+        print(f"{rfc3339(row['received_at']):<25} {row['idempotency_key']:<24} "
+              f"{row['order_id']:<25} {row['amount_cents'] / 100:.2f} {row['currency']}")
         count += 1
     print(f"{count} payment(s) to refund")
 

@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import logging
 import secrets
-from typing import Any
+from typing import Any, cast
 
 import orjson
 import redis.asyncio as aioredis
@@ -94,7 +94,7 @@ class ReplyHub:
 
 async def job_status(conn: aioredis.Redis, job_id: str) -> tuple[str, dict[str, Any] | None]:
     """(queued|processing|done|missing, result) from the job key."""
-    raw = await conn.get(keys.job(job_id))
+    raw = cast(bytes | None, await conn.get(keys.job(job_id)))
     if raw is None:
         return "missing", None
     if raw.startswith(b"{"):

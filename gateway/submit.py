@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import orjson
 import redis.asyncio as aioredis
@@ -171,6 +171,7 @@ async def _push(app: web.Application, write: Write, wait: float) -> Answer:
         code = await app[SCRIPTS].push(keys=push_keys_, args=args)
     if code[0] in (2, 3, 4):
         hub.forget(write.job_id)
+        result: dict[str, Any] | None
         if code[0] == 2:
             app[METRICS].holds_refused_fast.inc()
             result = {"status": 409, "body": insufficient_stock(int(code[1]),
@@ -219,7 +220,7 @@ async def cache_product(app: web.Application, product_id: int) -> dict[str, Any]
 
 async def product_from_cache(app: web.Application, product_id: int) -> dict[str, Any] | None:
     """The product as the cache has it, reading through to the database on a miss."""
-    cached = await app[REDIS].hgetall(keys.product(product_id))
+    cached = cast(dict[bytes, bytes], await app[REDIS].hgetall(keys.product(product_id)))
     if b"stock" in cached:
         return {"id": int(cached[b"id"]), "name": cached[b"name"].decode(),
                 "price_cents": int(cached[b"price_cents"]),

@@ -50,6 +50,7 @@ class Product(BaseModel):
 class Hold(BaseModel):
     id = pw.CharField(max_length=64, primary_key=True)
     product = pw.ForeignKeyField(Product, backref="holds", on_delete="RESTRICT")
+    product_id: int  # the foreign key's column, as peewee exposes it
     qty = pw.IntegerField(constraints=[pw.Check("qty > 0")])
     status = pw.CharField(max_length=16, default=HoldStatus.ACTIVE)
     created_at = pw.BigIntegerField()
@@ -65,6 +66,8 @@ class Order(BaseModel):
     id = pw.CharField(max_length=64, primary_key=True)
     hold = pw.ForeignKeyField(Hold, unique=True, on_delete="RESTRICT")
     product = pw.ForeignKeyField(Product, backref="orders", on_delete="RESTRICT")
+    hold_id: str
+    product_id: int
     qty = pw.IntegerField(constraints=[pw.Check("qty > 0")])
     amount_cents = pw.BigIntegerField()
     currency = pw.CharField(max_length=3)

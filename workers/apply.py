@@ -237,7 +237,7 @@ def _write(ledger: Ledger, product_id: int, requests: list[Request]) -> None:
         RequestRecord.insert_many(rows).execute()
 
 
-def _update_status(model: type[pw.Model], rows: list[Any]) -> None:
+def _update_status(model: type[Hold], rows: list[Any]) -> None:
     by_status: dict[str, list[str]] = {}
     for row in rows:
         by_status.setdefault(str(row.status), []).append(row.id)
