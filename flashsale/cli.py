@@ -9,7 +9,6 @@ import os
 import secrets
 import sys
 from collections.abc import Iterable
-from datetime import UTC, datetime, timedelta
 from typing import Any, cast
 
 from flashsale import embedded, logs
@@ -18,9 +17,9 @@ from flashsale.config import Settings
 log = logging.getLogger("flashsale")
 
 SCHEDULE = (
-    # (job id, function, every n seconds): fixed ids, so a second scheduler replaces
-    # rather than doubles them.
-    ("flashsale-sweep", "schedules.jobs.sweep", None),
+    # (job id, function, every n seconds; 0 = the sweep interval): fixed ids, so a
+    # second scheduler replaces rather than doubles them.
+    ("flashsale-sweep", "schedules.jobs.sweep", 0),
     ("flashsale-purge", "schedules.jobs.purge", 3600),
 )
 
@@ -73,25 +72,14 @@ def cmd_worker(args: argparse.Namespace) -> None:
 
 def cmd_scheduler(args: argparse.Namespace) -> None:
     import redis
-    from rq_scheduler import Scheduler
 
-    from workers import keys
+    from schedules.scheduler import run
 
     settings = load_settings()
-    conn = redis.Redis.from_url(settings.redis_url)
-    scheduler = Scheduler(queue_name=keys.MAINTENANCE_QUEUE, connection=conn,
-                          interval=settings.sweep_interval_seconds)
-    start = datetime.now(UTC) + timedelta(seconds=1)
-    for job_id, func, every in SCHEDULE:
-        if job_id in scheduler:
-            scheduler.cancel(job_id)
-        interval = every or settings.sweep_interval_seconds
-        # A repeated job must outlive its interval, or rq-scheduler loses it.
-        scheduler.schedule(scheduled_time=start, func=func, id=job_id, repeat=None,
-                           interval=interval, result_ttl=max(600, 2 * interval),
-                           timeout=60, queue_name=keys.MAINTENANCE_QUEUE)
-    log.info("scheduler started: sweep every %ss", settings.sweep_interval_seconds)
-    scheduler.run()
+    every = settings.sweep_interval_seconds
+    periodic = [(job_id, func, seconds or every) for job_id, func, seconds in SCHEDULE]
+    log.info("scheduler starting: sweep every %ss", every)
+    run(redis.Redis.from_url(settings.redis_url), periodic, interval=every)
 
 
 def cmd_migrate(args: argparse.Namespace) -> None:

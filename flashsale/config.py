@@ -35,7 +35,10 @@ class Settings:
     admin_token: str | None = None
     batch_size: int = 200
     lease_ms: int = 5000
+    # Idempotency keys and queued jobs live this long in Redis. Job results are
+    # cached for job_cache_seconds; after that they are read from the database.
     job_ttl_seconds: int = 25 * 3600
+    job_cache_seconds: int = 3600
     sweep_interval_seconds: int = 1
     log_json: bool = False
     data_dir: str = DEFAULT_DATA_DIR
@@ -57,6 +60,7 @@ class Settings:
             admin_token=env.get("ADMIN_TOKEN") or None,
             batch_size=min(max(_int(env, "BATCH_SIZE", 200), 1), 1000),
             lease_ms=_int(env, "DRAIN_LEASE_MS", 5000),
+            job_cache_seconds=_int(env, "JOB_CACHE_SECONDS", 3600),
             log_json=(env.get("LOG_FORMAT", "").lower() == "json"),
             data_dir=data_dir,
         )

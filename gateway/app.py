@@ -11,6 +11,9 @@ import orjson
 import redis
 import redis.asyncio as aioredis
 from aiohttp import web
+from redis.asyncio.retry import Retry as AsyncRetry
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
 
 import models
 from flashsale.config import Settings
@@ -69,11 +72,17 @@ async def _database(app: web.Application) -> AsyncIterator[None]:
 
 async def _redis(app: web.Application) -> AsyncIterator[None]:
     url = app[SETTINGS].redis_url
+    # A restarted Redis drops pooled connections: retry once they fail. A retried push
+    # may queue a request twice; the drainer applies each request id once.
     pool = aioredis.BlockingConnectionPool.from_url(
-        url, max_connections=REDIS_MAX_CONNECTIONS, timeout=10, health_check_interval=30)
+        url, max_connections=REDIS_MAX_CONNECTIONS, timeout=10, health_check_interval=30,
+        retry=AsyncRetry(ExponentialBackoff(cap=0.5, base=0.02), 3),
+        retry_on_error=[redis.ConnectionError, redis.TimeoutError])
     conn = aioredis.Redis(connection_pool=pool)
     app[REDIS] = conn
-    app[SYNC_REDIS] = redis.Redis.from_url(url)
+    app[SYNC_REDIS] = redis.Redis.from_url(
+        url, retry=Retry(ExponentialBackoff(cap=0.5, base=0.02), 3),
+        retry_on_error=[redis.ConnectionError, redis.TimeoutError])
     app[SCRIPTS] = Scripts.register(conn)
     app[REPLIES] = ReplyHub(conn)
     await app[REPLIES].start()

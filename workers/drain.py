@@ -114,7 +114,7 @@ class Drainer:
         self._finish(keys=[keys.inflight(self.product_id), keys.lease(self.product_id),
                            keys.product(self.product_id)],
                      args=finish_args(self.token, self.config.lease_ms,
-                                      self.config.job_ttl_seconds, self.product_id, admitted,
+                                      self.config.job_cache_seconds, self.product_id, admitted,
                                       fields, results,
                                       {ch: orjson.dumps(r) for ch, r in replies.items()},
                                       sorted(set(delete))))

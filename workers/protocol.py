@@ -67,7 +67,7 @@ return items
 """
 
 # finish: KEYS inflight, lease, product
-#         ARGV token, lease ms, job ttl s, job key prefix, admitted units to release,
+#         ARGV token, lease ms, result ttl s, job key prefix, admitted units to release,
 #              n product fields, n results, n replies, n keys to delete, then the lists
 # -> 1, or 0 when the lease was lost (the next drainer replays the committed batch)
 FINISH = """
@@ -158,10 +158,10 @@ def take_keys(product_id: int) -> list[str]:
             keys.wake(product_id), keys.product(product_id)]
 
 
-def finish_args(token: str, lease_ms: int, job_ttl: int, product_id: int, release: int,
+def finish_args(token: str, lease_ms: int, result_ttl: int, product_id: int, release: int,
                 fields: dict[str, Any], results: dict[str, bytes],
                 replies: dict[str, bytes], delete: list[str]) -> list[Any]:
-    args: list[Any] = [token, lease_ms, job_ttl, keys.job_prefix(product_id), release,
+    args: list[Any] = [token, lease_ms, result_ttl, keys.job_prefix(product_id), release,
                        len(fields), len(results), len(replies), len(delete)]
     for name, value in fields.items():
         args += [name, value]
