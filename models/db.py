@@ -6,9 +6,15 @@ import os
 from urllib.parse import urlparse
 
 import peewee
+import pymysql
 from playhouse.db_url import connect
 
 db = peewee.DatabaseProxy()
+
+# A violated CHECK constraint is an integrity error, like a duplicate key: MariaDB
+# (4025) and MySQL 8 (3819) report it with codes PyMySQL would map to OperationalError.
+for _code in (3819, 4025):
+    pymysql.err.error_map[_code] = pymysql.err.IntegrityError
 
 
 def is_sqlite() -> bool:

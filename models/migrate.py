@@ -13,11 +13,17 @@ log = logging.getLogger(__name__)
 
 
 def _v1_create_tables() -> None:
-    if not is_sqlite():
-        # Ids and idempotency keys are compared byte for byte ("K" is not "k").
+    if is_sqlite():
+        db.create_tables(TABLES, safe=True)
+        return
+    # Ids and idempotency keys are compared byte for byte ("K" is not "k").
+    for model in TABLES:
+        model._meta.table_settings = ["DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin"]
+    try:
+        db.create_tables(TABLES, safe=True)
+    finally:
         for model in TABLES:
-            model._meta.table_settings = ["DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin"]
-    db.create_tables(TABLES, safe=True)
+            model._meta.table_settings = []
 
 
 # Append new steps; never edit an applied one. A step uses playhouse.migrate to add

@@ -117,7 +117,7 @@ def _load(ledger: Ledger, product_id: int, requests: list[Request]) -> None:
     todo = [r for r in requests if r.id not in ledger.results]
     ops = {r.op for r in todo}
 
-    idem = {r.idem[0] for r in todo if r.idem}
+    idem = {r.idem[0] for r in todo if r.idem and r.op != "webhook"}
     if idem:
         records = list(IdempotencyRecord.select().where(IdempotencyRecord.id.in_(idem)))
         ledger.idempotency.update({rec.id: (rec.fingerprint, rec.request_id)

@@ -167,11 +167,13 @@ class Ledger:
     def _apply_one(self, req: Request) -> Result:
         if req.id in self.results:  # committed by an earlier drainer: replay, don't redo
             return self.results[req.id]
-        if req.idem is not None:
-            seen = self.idempotency.get(req.idem[0])
+        # Webhooks are deduplicated by their own table, which holds their current answer.
+        idem = req.idem if req.op != "webhook" else None
+        if idem is not None:
+            seen = self.idempotency.get(idem[0])
             if seen is not None:
                 fingerprint, first = seen
-                if fingerprint != req.idem[1]:
+                if fingerprint != idem[1]:
                     return Result(422, idempotency_reused())
                 if first in self.answers:
                     return self.answers[first]
@@ -181,9 +183,9 @@ class Ledger:
         if handler is None:
             return Result(400, problem(400, "Unknown operation", f"op {req.op!r}"))
         result = handler(req)
-        if req.idem is not None and result.status < 500:
-            self.idempotency[req.idem[0]] = (req.idem[1], req.id)
-            self.new_idempotency[req.idem[0]] = (req.idem[1], req.id)
+        if idem is not None and result.status < 500:
+            self.idempotency[idem[0]] = (idem[1], req.id)
+            self.new_idempotency[idem[0]] = (idem[1], req.id)
         return result
 
     # --- stock counters ---------------------------------------------------------------

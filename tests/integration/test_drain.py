@@ -1,0 +1,199 @@
+"""The drainer on real Redis and MariaDB: batches, crash recovery, exactly-once effects."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import orjson
+import pytest
+import redis
+
+from flashsale.config import Settings
+from models import Hold, Order, Product, RequestRecord
+from workers import keys, reads
+from workers.apply import apply_batch
+from workers.client import push
+from workers.decide import Policy, Request
+from workers.drain import Drainer
+from workers.protocol import FILL, TAKE, Envelope, product_fields, take_keys
+
+pytestmark = pytest.mark.integration
+
+SETTINGS = Settings(batch_size=4, lease_ms=2_000, job_ttl_seconds=3_600)
+POLICY = Policy(hold_ttl_ms=SETTINGS.hold_ttl_seconds * 1000,
+                order_ttl_ms=SETTINGS.order_payment_ttl_seconds * 1000)
+REPLY = "fs:reply:integration"
+
+
+def hold_envelope(pid: int, qty: int, reply: str | None = None) -> Envelope:
+    return Envelope(id=keys.new_id("job", pid), op="hold", reply=reply,
+                    args={"product_id": pid, "qty": qty, "hold_id": keys.new_id("hold", pid)})
+
+
+def fill_cache(conn: redis.Redis, pid: int) -> None:
+    """What the gateway does on its first request for the product."""
+    view = reads.product_view(pid)
+    assert view is not None
+    flat: list[Any] = []
+    for name, value in product_fields(view).items():
+        flat += [name, value]
+    conn.register_script(FILL)(keys=[keys.product(pid)], args=flat)
+
+
+def push_holds(conn: redis.Redis, pid: int, qtys: list[int], admit: bool = True,
+               reply: str | None = None) -> list[Envelope]:
+    envelopes = [hold_envelope(pid, qty, reply) for qty in qtys]
+    for env in envelopes:
+        code = push(conn, pid, env, SETTINGS.job_ttl_seconds, qty=env.args["qty"] if admit else 0)
+        assert code[0] in (0, 1), code
+    return envelopes
+
+
+def take_as_crashed_drainer(conn: redis.Redis, pid: int, n: int,
+                            lease_ms: int = 2_000) -> list[Envelope]:
+    """A drainer takes a batch under its lease (the first steps of ``Drainer.run``)."""
+    assert conn.set(keys.lease(pid), "crashed-drainer", nx=True, px=lease_ms)
+    raw = conn.register_script(TAKE)(keys=take_keys(pid),
+                                     args=["crashed-drainer", n, lease_ms,
+                                           keys.job_prefix(pid)])
+    assert raw
+    return [Envelope.decode(item) for item in raw]
+
+
+def job_result(conn: redis.Redis, job_id: str) -> dict[str, Any]:
+    raw = conn.get(keys.job(job_id))
+    assert raw is not None and raw not in (b"queued", b"processing"), (job_id, raw)
+    return orjson.loads(raw)
+
+
+def cache(conn: redis.Redis, pid: int) -> dict[str, int]:
+    fields = conn.hgetall(keys.product(pid))
+    return {name: int(fields[name.encode()]) for name in ("stock", "available", "queued")}
+
+
+def assert_drained(conn: redis.Redis, pid: int) -> None:
+    assert conn.exists(keys.queue(pid), keys.inflight(pid), keys.lease(pid),
+                       keys.wake(pid)) == 0
+
+
+def assert_applied_once(envelopes: list[Envelope], pid: int) -> None:
+    """One hold row per granted request, and ``reserved`` counts each exactly once."""
+    rows = list(Hold.select().where(Hold.product == pid))
+    assert sorted(h.request_id for h in rows) == sorted(e.id for e in envelopes)
+    assert {h.id for h in rows} == {e.args["hold_id"] for e in envelopes}
+    assert Product.get_by_id(pid).reserved == sum(e.args["qty"] for e in envelopes)
+    assert RequestRecord.select().where(
+        RequestRecord.id.in_([e.id for e in envelopes])).count() == len(envelopes)
+
+
+def test_one_run_applies_every_queued_request_and_answers_it(
+        redis_conn: redis.Redis, new_product: Callable[..., int]) -> None:
+    pid = new_product(stock=10)
+    fill_cache(redis_conn, pid)
+    admitted = push_holds(redis_conn, pid, [2, 2, 2, 2], reply=REPLY)
+    unadmitted = push_holds(redis_conn, pid, [2, 2], admit=False, reply=REPLY)
+    envelopes = admitted + unadmitted
+    assert cache(redis_conn, pid)["queued"] == 8
+    sub = redis_conn.pubsub()
+    sub.subscribe(REPLY)
+    assert sub.get_message(timeout=1)["type"] == "subscribe"
+
+    applied = Drainer(redis_conn, pid, SETTINGS).run()
+
+    assert applied == 6
+    results = [job_result(redis_conn, e.id) for e in envelopes]
+    assert [r["status"] for r in results] == [201] * 5 + [409]
+    assert [r["body"]["hold_id"] for r in results[:5]] == \
+        [e.args["hold_id"] for e in envelopes[:5]]
+    assert results[5]["body"]["available"] == 0
+    assert_applied_once(envelopes[:5], pid)
+    assert cache(redis_conn, pid) == {"stock": 10, "available": 0, "queued": 0}
+    assert_drained(redis_conn, pid)
+    replies = []
+    while (msg := sub.get_message(timeout=0.1)) is not None:
+        replies += orjson.loads(msg["data"])
+    sub.close()
+    assert replies == [[e.id, r] for e, r in zip(envelopes, results, strict=True)]
+
+
+def test_hold_order_and_payment_in_one_batch(
+        redis_conn: redis.Redis, new_product: Callable[..., int]) -> None:
+    pid = new_product(stock=5, price_cents=250)
+    hold_env = hold_envelope(pid, 2)
+    order_id = keys.new_id("ord", pid)
+    order_env = Envelope(id=keys.new_id("job", pid), op="order",
+                         args={"hold_id": hold_env.args["hold_id"], "order_id": order_id})
+    pay_env = Envelope(id=keys.new_id("job", pid), op="webhook",
+                       args={"idempotency_key": keys.new_id("evt", pid), "order_id": order_id,
+                             "status": "paid", "fingerprint": "fp"})
+    for env in (hold_env, order_env, pay_env):
+        push(redis_conn, pid, env, SETTINGS.job_ttl_seconds)
+
+    assert Drainer(redis_conn, pid, SETTINGS).run() == 3
+
+    order_result = job_result(redis_conn, order_env.id)
+    assert job_result(redis_conn, hold_env.id)["status"] == 201
+    assert (order_result["status"], order_result["body"]["amount_cents"]) == (201, 500)
+    assert job_result(redis_conn, pay_env.id)["body"]["outcome"] == "applied"
+    assert Order.get_by_id(order_id).status == "paid"
+    product = Product.get_by_id(pid)
+    assert (product.stock, product.reserved) == (3, 0)
+    assert cache(redis_conn, pid)["available"] == 3
+
+
+def test_a_batch_taken_by_a_drainer_that_died_before_commit_is_applied_exactly_once(
+        redis_conn: redis.Redis, new_product: Callable[..., int]) -> None:
+    pid = new_product(stock=10)
+    fill_cache(redis_conn, pid)
+    envelopes = push_holds(redis_conn, pid, [1, 2, 3, 1, 2])
+    taken = take_as_crashed_drainer(redis_conn, pid, n=3, lease_ms=100)
+    assert [e.id for e in taken] == [e.id for e in envelopes[:3]]
+    assert redis_conn.get(keys.job(taken[0].id)) == b"processing"
+    deadline = time.monotonic() + 2  # the dead drainer's lease runs out
+    while redis_conn.exists(keys.lease(pid)) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert Hold.select().where(Hold.product == pid).count() == 0
+
+    applied = Drainer(redis_conn, pid, SETTINGS).run()
+
+    assert applied == 5
+    assert [job_result(redis_conn, e.id)["status"] for e in envelopes] == [201] * 5
+    assert_applied_once(envelopes, pid)
+    assert cache(redis_conn, pid) == {"stock": 10, "available": 1, "queued": 0}
+    assert_drained(redis_conn, pid)
+
+
+def test_a_batch_committed_by_a_drainer_that_died_before_finish_is_replayed(
+        redis_conn: redis.Redis, new_product: Callable[..., int]) -> None:
+    pid = new_product(stock=10)
+    fill_cache(redis_conn, pid)
+    envelopes = push_holds(redis_conn, pid, [2, 3, 1])
+    taken = take_as_crashed_drainer(redis_conn, pid, n=10)
+    committed = apply_batch(pid, [Request(id=e.id, op=e.op, args=e.args, idem=e.idem)
+                                  for e in taken], POLICY)
+    redis_conn.delete(keys.lease(pid))  # died: no FINISH, its lease gone
+    assert redis_conn.get(keys.job(envelopes[0].id)) == b"processing"
+
+    applied = Drainer(redis_conn, pid, SETTINGS).run()
+
+    assert applied == 3
+    for env in envelopes:
+        assert job_result(redis_conn, env.id) == committed.results[env.id].as_dict()
+    assert_applied_once(envelopes, pid)
+    assert cache(redis_conn, pid) == {"stock": 10, "available": 4, "queued": 0}
+    assert_drained(redis_conn, pid)
+
+
+def test_a_run_while_another_drainer_holds_the_lease_does_nothing(
+        redis_conn: redis.Redis, new_product: Callable[..., int]) -> None:
+    pid = new_product(stock=10)
+    envelopes = push_holds(redis_conn, pid, [1, 1], admit=False)
+    redis_conn.set(keys.lease(pid), "live-drainer", px=5_000)
+
+    assert Drainer(redis_conn, pid, SETTINGS).run() == 0
+
+    assert redis_conn.lrange(keys.queue(pid), 0, -1) == [e.encode() for e in envelopes]
+    assert redis_conn.get(keys.lease(pid)) == b"live-drainer"
+    assert Hold.select().where(Hold.product == pid).count() == 0

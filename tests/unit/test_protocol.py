@@ -1,0 +1,318 @@
+"""The per-product queue protocol (envelopes and Lua scripts) on fakeredis."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import fakeredis
+import orjson
+import pytest
+
+from workers import keys
+from workers.protocol import (
+    FILL,
+    FINISH,
+    PUSH,
+    RELEASE,
+    TAKE,
+    Envelope,
+    finish_args,
+    push_keys,
+    take_keys,
+)
+
+PID = 7
+TOKEN = "drainer-token"
+LEASE_MS = 5_000
+JOB_TTL = 3_600
+WAKE_MS = 15_000
+
+
+@pytest.fixture
+def r() -> Iterator[fakeredis.FakeRedis]:
+    conn = fakeredis.FakeRedis()
+    yield conn
+    conn.close()
+
+
+def job_id(n: int) -> str:
+    return f"job_{PID}_{n:016x}"
+
+
+def envelope(n: int, qty: int = 1, reply: str | None = None) -> Envelope:
+    return Envelope(id=job_id(n), op="hold", reply=reply,
+                    args={"product_id": PID, "qty": qty, "hold_id": f"hold_{PID}_{n:016x}"})
+
+
+def cache_product(r: fakeredis.FakeRedis, available: int, queued: int = 0) -> None:
+    r.hset(keys.product(PID), mapping={"id": PID, "stock": available, "available": available,
+                                       "queued": queued})
+
+
+def push(r: fakeredis.FakeRedis, env: Envelope, qty: int = 0) -> list[int]:
+    code = r.register_script(PUSH)(keys=push_keys(PID, env.id),
+                                   args=[env.encode(), qty, JOB_TTL, WAKE_MS])
+    return [int(c) for c in code]
+
+
+def take(r: fakeredis.FakeRedis, n: int = 10, token: str = TOKEN) -> list[bytes] | None:
+    return r.register_script(TAKE)(keys=take_keys(PID),
+                                   args=[token, n, LEASE_MS, keys.job_prefix(PID)])
+
+
+def finish(r: fakeredis.FakeRedis, token: str = TOKEN, release: int = 0,
+           fields: dict[str, Any] | None = None, results: dict[str, bytes] | None = None,
+           replies: dict[str, bytes] | None = None, delete: list[str] | None = None) -> int:
+    args = finish_args(token, LEASE_MS, JOB_TTL, PID, release, fields or {}, results or {},
+                       replies or {}, delete or [])
+    return int(r.register_script(FINISH)(
+        keys=[keys.inflight(PID), keys.lease(PID), keys.product(PID)], args=args))
+
+
+def field(r: fakeredis.FakeRedis, name: str) -> Any:
+    return r.hget(keys.product(PID), name)
+
+
+# --- envelopes --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("env", [
+    Envelope(id="job_1_00000000000000aa", op="hold", args={"product_id": 1, "qty": 2}),
+    Envelope(id="job_1_00000000000000ab", op="order", args={"hold_id": "h x"},
+             idem=("orders:k 1", "f" * 64), reply="fs:reply:gw-1"),
+    Envelope(id="job_0_00000000000000ac", op="webhook",
+             args={"idempotency_key": "évt", "order_id": "o", "status": "paid"},
+             idem=("webhook:évt", "fp")),
+], ids=["plain", "idem-and-reply", "unicode"])
+def test_envelope_round_trip(env: Envelope) -> None:
+    raw = env.encode()
+
+    assert raw.startswith(env.id.encode() + b" ")
+    assert Envelope.decode(raw) == env
+    assert Envelope.decode(raw.decode()) == env
+
+
+# --- push -------------------------------------------------------------------------------
+
+def test_push_admits_queues_and_counts_the_units(r: fakeredis.FakeRedis) -> None:
+    cache_product(r, available=5)
+
+    assert push(r, envelope(1, qty=2), qty=2) == [1]
+    assert push(r, envelope(2, qty=3), qty=3) == [0]
+
+    assert field(r, "queued") == b"5"
+    assert r.lrange(keys.queue(PID), 0, -1) == [envelope(1, 2).encode(), envelope(2, 3).encode()]
+    assert r.get(keys.job(job_id(1))) == b"queued"
+    assert 0 < r.ttl(keys.job(job_id(1))) <= JOB_TTL
+    assert 0 < r.pttl(keys.wake(PID)) <= WAKE_MS
+
+
+def test_push_refuses_what_queued_requests_already_claim(r: fakeredis.FakeRedis) -> None:
+    cache_product(r, available=5, queued=4)
+
+    assert push(r, envelope(1, qty=2), qty=2) == [2, 1]
+
+    assert field(r, "queued") == b"4"
+    assert r.llen(keys.queue(PID)) == 0
+    assert r.exists(keys.job(job_id(1)), keys.wake(PID)) == 0
+
+
+def test_push_never_reports_negative_availability(r: fakeredis.FakeRedis) -> None:
+    cache_product(r, available=1, queued=3)
+
+    assert push(r, envelope(1, qty=1), qty=1) == [2, 0]
+
+
+def test_push_asks_for_a_drain_job_only_while_none_is_pending(r: fakeredis.FakeRedis) -> None:
+    cache_product(r, available=100)
+
+    codes = [push(r, envelope(n), qty=1)[0] for n in range(3)]
+    r.delete(keys.wake(PID))  # the drainer finished and released the wake flag
+    codes.append(push(r, envelope(3), qty=1)[0])
+
+    assert codes == [1, 0, 0, 1]
+
+
+def test_push_without_admission_needs_no_cached_product(r: fakeredis.FakeRedis) -> None:
+    assert push(r, envelope(1), qty=0) == [1]
+
+    assert r.llen(keys.queue(PID)) == 1
+    assert r.exists(keys.product(PID)) == 0
+
+
+def test_push_reports_an_uncached_product(r: fakeredis.FakeRedis) -> None:
+    assert push(r, envelope(1), qty=1) == [3]
+
+    assert r.llen(keys.queue(PID)) == 0
+    assert r.exists(keys.job(job_id(1)), keys.wake(PID)) == 0
+
+
+def test_push_reports_a_product_known_to_be_missing(r: fakeredis.FakeRedis) -> None:
+    r.hset(keys.product(PID), "missing", 1)
+
+    assert push(r, envelope(1), qty=1) == [4]
+
+    assert r.llen(keys.queue(PID)) == 0
+    assert r.exists(keys.job(job_id(1))) == 0
+
+
+# --- take -------------------------------------------------------------------------------
+
+def test_take_moves_up_to_n_envelopes_in_flight(r: fakeredis.FakeRedis) -> None:
+    for n in range(3):
+        push(r, envelope(n))
+    r.set(keys.lease(PID), TOKEN, px=100)
+
+    batch = take(r, n=2)
+
+    assert batch == [envelope(0).encode(), envelope(1).encode()]
+    assert r.lrange(keys.inflight(PID), 0, -1) == batch
+    assert r.lrange(keys.queue(PID), 0, -1) == [envelope(2).encode()]
+    assert r.get(keys.job(job_id(0))) == b"processing"
+    assert r.get(keys.job(job_id(2))) == b"queued"
+    assert 0 < r.ttl(keys.job(job_id(0))) <= JOB_TTL  # KEEPTTL: the job still expires
+    assert r.pttl(keys.lease(PID)) > 100  # the lease was renewed
+
+
+def test_take_does_not_create_job_keys_that_expired(r: fakeredis.FakeRedis) -> None:
+    push(r, envelope(0))
+    r.delete(keys.job(job_id(0)))
+    r.set(keys.lease(PID), TOKEN)
+
+    assert take(r) == [envelope(0).encode()]
+    assert r.exists(keys.job(job_id(0))) == 0
+
+
+def test_take_returns_the_in_flight_batch_again_after_a_crash(r: fakeredis.FakeRedis) -> None:
+    for n in range(3):
+        push(r, envelope(n))
+    r.set(keys.lease(PID), "crashed")
+    first = take(r, n=2, token="crashed")
+    r.delete(keys.lease(PID))  # its lease expired
+    r.set(keys.lease(PID), TOKEN)
+
+    again = take(r, n=2)
+
+    assert again == first
+    assert r.lrange(keys.inflight(PID), 0, -1) == first  # not duplicated
+    assert r.llen(keys.queue(PID)) == 1
+
+
+def test_take_on_an_empty_queue_releases_lease_and_wake(r: fakeredis.FakeRedis) -> None:
+    cache_product(r, available=5, queued=3)
+    r.set(keys.lease(PID), TOKEN)
+    r.set(keys.wake(PID), "1")
+
+    assert take(r) == []
+
+    assert r.exists(keys.lease(PID), keys.wake(PID)) == 0
+    assert field(r, "queued") == b"0"
+
+
+def test_take_on_an_empty_queue_does_not_create_the_product_hash(
+        r: fakeredis.FakeRedis) -> None:
+    r.set(keys.lease(PID), TOKEN)
+
+    assert take(r) == []
+    assert r.exists(keys.product(PID)) == 0
+
+
+@pytest.mark.parametrize("lease", [None, "someone-else"], ids=["no-lease", "other-lease"])
+def test_take_without_our_lease_returns_none_and_moves_nothing(
+        r: fakeredis.FakeRedis, lease: str | None) -> None:
+    push(r, envelope(0))
+    if lease:
+        r.set(keys.lease(PID), lease)
+
+    assert take(r) is None
+
+    assert r.llen(keys.queue(PID)) == 1
+    assert r.exists(keys.inflight(PID)) == 0
+    assert r.get(keys.job(job_id(0))) == b"queued"
+    assert r.get(keys.lease(PID)) == (lease.encode() if lease else None)
+
+
+# --- finish -----------------------------------------------------------------------------
+
+def taken(r: fakeredis.FakeRedis, count: int, queued: int) -> list[bytes]:
+    cache_product(r, available=10, queued=queued)
+    for n in range(count):
+        push(r, envelope(n, reply="fs:reply:gw-a" if n % 2 == 0 else "fs:reply:gw-b"))
+    r.set(keys.lease(PID), TOKEN, px=100)
+    batch = take(r)
+    assert batch is not None and len(batch) == count
+    return batch
+
+
+def test_finish_stores_results_answers_and_refreshes_the_product(
+        r: fakeredis.FakeRedis) -> None:
+    taken(r, 3, queued=3)
+    sub = r.pubsub()
+    sub.subscribe("fs:reply:gw-a", "fs:reply:gw-b")
+    while sub.get_message(timeout=0.01) is not None:  # subscription confirmations
+        pass
+    results = {job_id(n): orjson.dumps({"status": 201, "body": {"n": n}}) for n in range(3)}
+    replies = {"fs:reply:gw-a": orjson.dumps([[job_id(0), 201], [job_id(2), 201]]),
+               "fs:reply:gw-b": orjson.dumps([[job_id(1), 201]])}
+    r.set(keys.control(PID, "expire"), "1")
+
+    done = finish(r, release=2, fields={"stock": 10, "available": 7}, results=results,
+                  replies=replies, delete=[keys.control(PID, "expire")])
+
+    assert done == 1
+    for n in range(3):
+        assert r.get(keys.job(job_id(n))) == results[job_id(n)]
+        assert JOB_TTL - 5 < r.ttl(keys.job(job_id(n))) <= JOB_TTL
+    published = {}
+    while (msg := sub.get_message(timeout=0.1)) is not None:
+        published[msg["channel"].decode()] = msg["data"]
+    sub.close()
+    assert published == replies
+    assert r.exists(keys.inflight(PID), keys.control(PID, "expire")) == 0
+    assert (field(r, "stock"), field(r, "available"), field(r, "queued")) == (b"10", b"7", b"1")
+    assert r.pttl(keys.lease(PID)) > 100  # renewed for the next batch
+
+
+def test_finish_never_takes_queued_below_zero(r: fakeredis.FakeRedis) -> None:
+    taken(r, 1, queued=1)
+
+    assert finish(r, release=5, fields={"stock": 10, "available": 9}) == 1
+
+    assert field(r, "queued") == b"0"
+
+
+def test_finish_after_losing_the_lease_changes_nothing(r: fakeredis.FakeRedis) -> None:
+    batch = taken(r, 2, queued=2)
+    r.set(keys.lease(PID), "next-drainer")
+    before = r.hgetall(keys.product(PID))
+
+    done = finish(r, release=2, fields={"stock": 1, "available": 0},
+                  results={job_id(0): b"{}"}, replies={"fs:reply:gw-a": b"[]"})
+
+    assert done == 0
+    assert r.lrange(keys.inflight(PID), 0, -1) == batch  # the next drainer replays it
+    assert r.hgetall(keys.product(PID)) == before
+    assert r.get(keys.job(job_id(0))) == b"processing"
+    assert r.get(keys.lease(PID)) == b"next-drainer"
+
+
+# --- fill and release -------------------------------------------------------------------
+
+def test_fill_sets_the_cache_only_when_absent(r: fakeredis.FakeRedis) -> None:
+    fill = r.register_script(FILL)
+    r.hset(keys.product(PID), "missing", 1)  # a stale "no such product" marker
+
+    assert fill(keys=[keys.product(PID)], args=["stock", 5, "available", 5]) == 1
+    assert fill(keys=[keys.product(PID)], args=["stock", 1, "available", 0]) == 0
+
+    assert r.hgetall(keys.product(PID)) == {b"stock": b"5", b"available": b"5"}
+
+
+def test_release_deletes_only_our_own_lease(r: fakeredis.FakeRedis) -> None:
+    release = r.register_script(RELEASE)
+    r.set(keys.lease(PID), "other")
+
+    assert release(keys=[keys.lease(PID)], args=[TOKEN]) == 0
+    assert r.get(keys.lease(PID)) == b"other"
+    assert release(keys=[keys.lease(PID)], args=["other"]) == 1
+    assert r.exists(keys.lease(PID)) == 0
