@@ -19,6 +19,19 @@ def _int(env: Mapping[str, str], name: str, default: int) -> int:
         raise SystemExit(f"{name} must be an integer, got {raw!r}") from None
 
 
+def _seconds(env: Mapping[str, str], name: str, default: float) -> float:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise SystemExit(f"{name} must be a number of seconds, got {raw!r}") from None
+    if value < 0:
+        raise SystemExit(f"{name} must not be negative, got {raw!r}")
+    return value
+
+
 @dataclass(frozen=True)
 class Settings:
     """Everything a process needs to know; tests build it directly."""
@@ -55,7 +68,7 @@ class Settings:
             hold_ttl_seconds=_int(env, "HOLD_TTL_SECONDS", 120),
             order_payment_ttl_seconds=_int(env, "ORDER_PAYMENT_TTL_SECONDS", 900),
             max_qty_per_hold=_int(env, "MAX_QTY_PER_HOLD", 10),
-            default_wait_seconds=float(_int(env, "DEFAULT_WAIT_SECONDS", 5)),
+            default_wait_seconds=_seconds(env, "DEFAULT_WAIT_SECONDS", 5.0),
             webhook_secret=env.get("WEBHOOK_SECRET") or None,
             admin_token=env.get("ADMIN_TOKEN") or None,
             batch_size=min(max(_int(env, "BATCH_SIZE", 200), 1), 1000),

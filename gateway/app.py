@@ -67,7 +67,7 @@ async def _database(app: web.Application) -> AsyncIterator[None]:
     app[EXECUTOR] = ThreadPoolExecutor(max_workers=16, thread_name_prefix="db")
     yield
     app[EXECUTOR].shutdown(wait=False, cancel_futures=True)
-    models.db.close_all() if hasattr(models.db, "close_all") else models.db.close()
+    models.db.close()
 
 
 async def _redis(app: web.Application) -> AsyncIterator[None]:

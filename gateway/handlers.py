@@ -145,7 +145,7 @@ async def create_order(request: web.Request) -> web.Response:
     if product_id is None:
         raise ProblemError(not_found("Hold", body["hold_id"]))
     write = Write(product_id=product_id, op="order", resource="order_id",
-                  args={"hold_id": body["hold_id"], "order_id": keys.new_id("ord", product_id)},
+                  args={"hold_id": body["hold_id"], "order_id": keys.order_id_for(body["hold_id"])},
                   idempotency=("orders", key) if key else None,
                   fingerprint=fingerprint("order", body) if key else "")
     prefer = preference(request)

@@ -54,8 +54,8 @@ class QueueCollector(Collector):
         requests.add_metric([], stats.get("requests", 0))
         yield requests
         sizes = GaugeMetricFamily("flashsale_batch_size_le",
-                                  "Batches by size bucket (count with size <= le)",
-                                  labels=["le"])
+                                  "Batches whose size is <= le and above the next smaller "
+                                  "bound (not cumulative)", labels=["le"])
         for bound in (*BATCH_BUCKETS, "inf"):
             sizes.add_metric([str(bound)], stats.get(f"size_le_{bound}", 0))
         yield sizes

@@ -213,8 +213,8 @@ OPERATIONS = (
         "The hold becomes `converted`; its units stay reserved until payment, a failed "
         "payment, or `pay_by`, `ORDER_PAYMENT_TTL_SECONDS` (default "
         f"{DEFAULTS.order_payment_ttl_seconds}) after creation. One order per hold, ever: a "
-        "second order for the same hold answers 200 with the first order. A 202 names the "
-        "`order_id` the order will have if it is created.",
+        "second order for the same hold answers 200 with the first order. An order's id "
+        "follows from its hold's, so the `order_id` a 202 names is the order's id.",
         {201: reply("Created.", "Order", CREATED),
          200: reply("The hold already has this order.", "Order", ("Preference-Applied",)),
          202: "Accepted", 404: problem("Unknown hold."),
@@ -248,13 +248,14 @@ OPERATIONS = (
         "as soon as the order exists. The same `idempotency_key` again returns the first "
         "response's status and body (a pending webhook applied since answers with its "
         "applied result); with a different `order_id` or `status`: 422. Fields other than "
-        "the three below are ignored. `Prefer` is not read: the gateway waits "
-        "`DEFAULT_WAIT_SECONDS`.",
+        "`idempotency_key`, `order_id` and `status` are ignored. `Prefer` is not read: the "
+        "gateway waits `DEFAULT_WAIT_SECONDS`.",
         {200: reply("Applied or ignored.", "WebhookResult"),
          202: reply("Stored, `outcome: pending`: the order does not exist yet, or the "
                     "webhook is still queued.", "WebhookResult"),
-         401: problem("`WEBHOOK_SECRET` is set and the signature is missing, wrong or "
-                      "too old. Nothing is stored."),
+         401: problem("`WEBHOOK_SECRET` is set and the signature is missing or wrong, or "
+                      f"its `t` is more than {SIGNATURE_TOLERANCE_S} s from now. Nothing is "
+                      "stored."),
          **BODY_ERRORS,
          422: problem("The body breaks the schema, or the `idempotency_key` was first used "
                       "with a different body."),

@@ -7,7 +7,8 @@ from urllib.parse import urlparse
 
 import peewee
 import pymysql
-from playhouse.db_url import connect
+from playhouse.db_url import connect, parse
+from playhouse.shortcuts import ReconnectMixin
 
 db = peewee.DatabaseProxy()
 
@@ -15,6 +16,14 @@ db = peewee.DatabaseProxy()
 # (4025) and MySQL 8 (3819) report it with codes PyMySQL would map to OperationalError.
 for _code in (3819, 4025):
     pymysql.err.error_map[_code] = pymysql.err.IntegrityError
+
+
+class MySQL(ReconnectMixin, peewee.MySQLDatabase):  # type: ignore[misc]
+    """One long-lived connection per thread, opened again if the server dropped it.
+
+    Reconnecting happens only outside a transaction; a transaction that loses its
+    connection fails, and its batch is applied again by the next drainer.
+    """
 
 
 def is_sqlite() -> bool:
@@ -34,12 +43,10 @@ def initialize(database_url: str) -> peewee.Database:
                      "synchronous": "normal"},
             timeout=10,
         )
-    elif scheme in ("mysql", "mysql+pool"):
-        # A pool checks connections out per use and pings them, so a restarted server
-        # costs a reconnect instead of an error.
-        url = "mysql+pool" + database_url[len(scheme):]
-        database = connect(url, charset="utf8mb4", max_connections=32, stale_timeout=300,
-                           timeout=10, connect_timeout=5, read_timeout=30, write_timeout=30)
+    elif scheme == "mysql":
+        params = parse(database_url)
+        database = MySQL(params.pop("database"), charset="utf8mb4", connect_timeout=5,
+                         read_timeout=30, write_timeout=30, **params)
     else:
         raise SystemExit(f"DATABASE_URL must be mysql://... or sqlite:///..., got {scheme!r}")
     db.initialize(database)

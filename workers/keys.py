@@ -88,6 +88,11 @@ def parse_partition(value: str, kind: str) -> int | None:
     return int(parts[1])
 
 
+def order_id_for(hold_id: str) -> str:
+    """A hold has at most one order, ever: its id follows from the hold's."""
+    return "ord" + hold_id[len("hold"):]
+
+
 def partition_of(job_id: str) -> int:
     pid = parse_partition(job_id, "job")
     return CATALOG if pid is None else pid

@@ -1,7 +1,7 @@
 """Read-only views of holds, orders, products and job results, straight from the database.
 
-The gateway calls these through its executor; the drainer builds its state with the
-same row converters.
+The gateway calls these through its executor (each thread keeps its own connection);
+the drainer builds its state with the same row converters.
 """
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 import orjson
+import peewee as pw
 
 from flashsale.clock import now_ms
 from models import Hold, Order, Product, RequestRecord, db
@@ -34,36 +35,32 @@ def product_state(row: Product) -> ProductState:
 
 
 def hold_view(hold_id: str) -> dict[str, Any] | None:
-    with db.connection_context():
-        row = Hold.get_or_none(Hold.id == hold_id)
-        if row is None:
-            return None
-        hold = hold_state(row)
-        order = Order.select(Order.id).where(Order.hold == hold_id).first()
-        hold.order_id = order.id if order else None
+    row = (Hold.select(Hold, Order.id.alias("order_id"))
+           .join(Order, pw.JOIN.LEFT_OUTER, on=(Order.hold == Hold.id))
+           .where(Hold.id == hold_id).objects().first())
+    if row is None:
+        return None
+    hold = hold_state(row)
+    hold.order_id = row.order_id
     return hold.view(now_ms())
 
 
 def order_view(order_id: str) -> dict[str, Any] | None:
-    with db.connection_context():
-        row = Order.get_or_none(Order.id == order_id)
+    row = Order.get_or_none(Order.id == order_id)
     return order_state(row).view(now_ms()) if row else None
 
 
 def product_view(product_id: int) -> dict[str, Any] | None:
-    with db.connection_context():
-        row = Product.get_or_none(Product.id == product_id)
+    row = Product.get_or_none(Product.id == product_id)
     return product_state(row).view() if row else None
 
 
 def job_result(job_id: str) -> dict[str, Any] | None:
     """The committed result of a request, once Redis no longer has it."""
-    with db.connection_context():
-        row = RequestRecord.get_or_none(RequestRecord.id == job_id)
+    row = RequestRecord.get_or_none(RequestRecord.id == job_id)
     return {"status": row.status_code, "body": orjson.loads(row.body)} if row else None
 
 
 def ping() -> bool:
-    with db.connection_context():
-        db.execute_sql("SELECT 1")
+    db.execute_sql("SELECT 1")
     return True

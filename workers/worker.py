@@ -14,12 +14,11 @@ class DrainWorker(SimpleWorker):
 
     Forking per job (rq's default) costs milliseconds a job; a drain job is cheap to
     start and may run for long, so it runs in the worker itself. The database connection
-    is handed back after every job so that a restarted database costs one reconnect.
+    is kept between jobs and dropped after a failed one, so the next job starts afresh
+    (a restarted database costs one failed job, whose batch the next drainer re-applies).
     """
 
-    def perform_job(self, job: Any, queue: Any) -> bool:
-        try:
-            return super().perform_job(job, queue)
-        finally:
-            if not db.is_closed():
-                db.close()
+    def handle_job_failure(self, job: Any, queue: Any, *args: Any, **kwargs: Any) -> Any:
+        if not db.is_closed():
+            db.close()
+        return super().handle_job_failure(job, queue, *args, **kwargs)
