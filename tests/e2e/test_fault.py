@@ -1,0 +1,120 @@
+"""A worker SIGKILLed in the middle of a rush: nothing acknowledged is lost, nothing oversold."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import aiohttp
+import pytest
+
+from tests.e2e.harness import Api, Reply, ServiceFactory, ServiceInstance, assert_problem
+
+pytestmark = pytest.mark.e2e
+
+STOCK = 2000
+CLIENTS = 100
+REQUESTS_PER_CLIENT = 10  # qty 1..4: about 2500 units asked for 2000 in stock
+KILL_AFTER = 100  # answers received before the operator's mistake
+WAIT = "wait=5"  # short enough that requests stuck behind the dead worker come back 202
+RECOVERY_TIMEOUT = 60.0  # lease expiry + scheduler re-wake + draining the backlog
+CPU_SAMPLE = 0.1  # seconds of CPU accounting to tell the busy worker from the idle one
+
+
+@pytest.fixture(scope="module")
+def fault_service(service_factory: ServiceFactory) -> Iterator[ServiceInstance]:
+    """An instance of its own: this test damages it, and it is stopped afterwards."""
+    instance = service_factory.get("fault")
+    yield instance
+    service_factory.discard(instance)
+
+
+@pytest.fixture
+def fault_api(http: aiohttp.ClientSession, fault_service: ServiceInstance) -> Api:
+    return Api(http, fault_service)
+
+
+@dataclass
+class Attempt:
+    qty: int
+    after_kill: bool  # sent once the worker was already dead
+    reply: Reply
+
+
+async def test_worker_killed_mid_load_loses_nothing_and_oversells_nothing(
+    fault_api: Api, fault_service: ServiceInstance
+) -> None:
+    api = fault_api
+    pid = (await api.create_product(stock=STOCK))["id"]
+    workers = fault_service.running("worker")
+    attempts: list[Attempt] = []
+    time_to_kill, killed = asyncio.Event(), asyncio.Event()
+
+    async def client(number: int) -> None:
+        for i in range(REQUESTS_PER_CLIENT):
+            qty, after_kill = 1 + (number + i) % 4, killed.is_set()
+            attempts.append(Attempt(qty, after_kill, await api.hold(pid, qty, prefer=WAIT)))
+            if len(attempts) >= KILL_AFTER:
+                time_to_kill.set()
+
+    async def operator() -> None:
+        await asyncio.wait_for(time_to_kill.wait(), timeout=RECOVERY_TIMEOUT)
+        # The worker busy right now is the likeliest drainer of the product: kill that one.
+        cpu_before = {w.name: w.cpu_ticks() for w in workers}
+        await asyncio.sleep(CPU_SAMPLE)
+        victim = max(workers, key=lambda w: w.cpu_ticks() - cpu_before[w.name])
+        victim.signal(signal.SIGKILL)
+        assert victim.wait(5), f"{victim.name} survived SIGKILL"
+        killed.set()
+        fault_service.spawn("worker")  # the replacement an operator would start
+
+    outcomes = await asyncio.gather(
+        operator(), *(client(n) for n in range(CLIENTS)), return_exceptions=True
+    )
+    failures = [o for o in outcomes if isinstance(o, BaseException)]
+    assert not failures, f"{len(failures)} failed, first: {failures[0]!r}"
+    assert len(attempts) == CLIENTS * REQUESTS_PER_CLIENT
+
+    gate = asyncio.Semaphore(100)
+
+    async def final(reply: Reply) -> Reply:
+        async with gate:
+            return await api.settle(reply, timeout=RECOVERY_TIMEOUT)
+
+    finals = await asyncio.gather(*(final(a.reply) for a in attempts))
+    server_errors = [a.reply for a in attempts if a.reply.status >= 500]
+    server_errors += [r for r in finals if r.status >= 500]
+    assert not server_errors, server_errors[:5]
+
+    granted: dict[str, int] = {}
+    for attempt, reply in zip(attempts, finals, strict=True):
+        if reply.status == 409:
+            assert_problem(reply, 409, "Insufficient stock")
+            continue
+        assert reply.status == 201, reply
+        assert reply.body["qty"] == attempt.qty and reply.body["product_id"] == pid, reply
+        assert reply.body["hold_id"] not in granted, f"hold id twice: {reply.body}"
+        granted[reply.body["hold_id"]] = attempt.qty
+    sold = sum(granted.values())
+    assert sold <= STOCK
+    assert any(a.after_kill and r.status == 201 for a, r in zip(attempts, finals, strict=True)), (
+        "nothing was sold after the kill: the fault did not land mid-load"
+    )
+
+    # Every acknowledged hold exists; units granted + available == stock (no loss, no leak).
+    async def lookup(hold_id: str) -> Reply:
+        async with gate:
+            return await api.get(f"/api/holds/{hold_id}")
+
+    stored = await asyncio.gather(*(lookup(h) for h in granted))
+    for hold_id, reply in zip(granted, stored, strict=True):
+        assert reply.status == 200, f"hold {hold_id} lost: {reply}"
+        assert reply.body["status"] == "active" and reply.body["qty"] == granted[hold_id], reply
+    await api.wait_product(pid, stock=STOCK, available=STOCK - sold)
+
+    # The product is still served by the surviving and replacement workers.
+    assert len(fault_service.running("worker")) == len(workers)
+    after = await api.settle(await api.hold(pid, 1, prefer="wait=30"))
+    assert after.status == (201 if sold < STOCK else 409), after
