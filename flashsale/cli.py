@@ -58,16 +58,12 @@ def cmd_web(args: argparse.Namespace) -> None:
 def cmd_worker(args: argparse.Namespace) -> None:
     import redis
 
-    from workers import keys
-    from workers.worker import DrainWorker
+    from workers.worker import work
 
     settings = load_settings()
     init_database(settings)
     os.environ["REDIS_URL"] = settings.redis_url  # drain jobs read their settings from env
-    conn = redis.Redis.from_url(settings.redis_url)
-    worker = DrainWorker([keys.DRAIN_QUEUE, keys.MAINTENANCE_QUEUE], connection=conn)
-    worker.work(burst=args.burst, logging_level="WARNING",
-                with_scheduler=False)
+    work(redis.Redis.from_url(settings.redis_url), burst=args.burst)
 
 
 def cmd_scheduler(args: argparse.Namespace) -> None:

@@ -72,11 +72,11 @@ async def _database(app: web.Application) -> AsyncIterator[None]:
 
 async def _redis(app: web.Application) -> AsyncIterator[None]:
     url = app[SETTINGS].redis_url
-    # A restarted Redis drops pooled connections: retry once they fail. A retried push
-    # may queue a request twice; the drainer applies each request id once.
+    # A restarting Redis drops connections: retry for about 5 s before answering 503.
+    # A retried push may queue a request twice; the drainer applies each request id once.
     pool = aioredis.BlockingConnectionPool.from_url(
         url, max_connections=REDIS_MAX_CONNECTIONS, timeout=10, health_check_interval=30,
-        retry=AsyncRetry(ExponentialBackoff(cap=0.5, base=0.02), 3),
+        retry=AsyncRetry(ExponentialBackoff(cap=1.0, base=0.05), 8),
         retry_on_error=[redis.ConnectionError, redis.TimeoutError])
     conn = aioredis.Redis(connection_pool=pool)
     app[REDIS] = conn

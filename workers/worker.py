@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import logging
+import time
 from typing import Any
 
+import redis
 from rq import SimpleWorker
 
 from models import db
+from workers import keys
+
+log = logging.getLogger("flashsale.worker")
 
 
 class DrainWorker(SimpleWorker):
@@ -22,3 +28,19 @@ class DrainWorker(SimpleWorker):
         if not db.is_closed():
             db.close()
         return super().handle_job_failure(job, queue, *args, **kwargs)
+
+
+def work(conn: redis.Redis, burst: bool = False) -> None:
+    """Drain queues until stopped; a lost Redis means a new worker once it is back.
+
+    rq retries a lost connection while it waits for jobs, but not while it records a
+    job's end; the job's batch is safe in Redis and is re-applied by the next drainer.
+    """
+    while True:
+        worker = DrainWorker([keys.DRAIN_QUEUE, keys.MAINTENANCE_QUEUE], connection=conn)
+        try:
+            worker.work(burst=burst, logging_level="WARNING", with_scheduler=False)
+            return
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            log.warning("worker lost Redis (%s); starting again in 1 s", exc)
+            time.sleep(1)
