@@ -51,8 +51,9 @@ def cmd_web(args: argparse.Namespace) -> None:
         uvloop.install()
     except ImportError:  # pragma: no cover - uvloop is optional off Linux/macOS
         pass
+    # A crowd arrives at once: a deep listen backlog keeps the kernel from dropping SYNs.
     web.run_app(create_app(settings), host=args.host, port=settings.port, access_log=None,
-                print=lambda msg: log.info(msg.strip()))
+                backlog=4096, print=lambda msg: log.info(msg.strip()))
 
 
 def cmd_worker(args: argparse.Namespace) -> None:

@@ -21,8 +21,8 @@ from gateway.errors import ProblemError
 from gateway.typedefs import EXECUTOR, METRICS, REDIS, REPLIES, SCRIPTS, SETTINGS, SYNC_REDIS
 from workers import keys, reads
 from workers.client import WAKE_TTL_MS
-from workers.drain import enqueue_drain
-from workers.protocol import FILL, PUSH, Envelope, product_fields, push_keys
+from workers.drain import enqueue_drain_job
+from workers.protocol import FILL, PUSH, READY, Envelope, product_fields, push_keys
 
 # claim: KEYS idempotency key; ARGV "<job id> <fingerprint> <resource id>", ttl s.
 # Returns the earlier claim, or nil when this request now owns the key.
@@ -41,11 +41,12 @@ class Scripts:
     push: Any
     fill: Any
     claim: Any
+    ready: Any
 
     @classmethod
     def register(cls, conn: aioredis.Redis) -> Scripts:
         return cls(push=conn.register_script(PUSH), fill=conn.register_script(FILL),
-                   claim=conn.register_script(CLAIM))
+                   claim=conn.register_script(CLAIM), ready=conn.register_script(READY))
 
 
 @dataclass(frozen=True)
@@ -195,8 +196,10 @@ def _resource(write: Write) -> tuple[str, str] | None:
 
 
 async def _wake(app: web.Application, product_id: int) -> None:
-    loop = asyncio.get_running_loop()
-    await loop.run_in_executor(app[EXECUTOR], enqueue_drain, app[SYNC_REDIS], product_id)
+    """Put the product on the ready list; enqueue an rq drain job only if none is waiting."""
+    if await app[SCRIPTS].ready(keys=[keys.READY, keys.DRAIN_JOBS], args=[product_id]):
+        loop = asyncio.get_running_loop()  # rq is synchronous
+        await loop.run_in_executor(app[EXECUTOR], enqueue_drain_job, app[SYNC_REDIS])
 
 
 async def cache_product(app: web.Application, product_id: int) -> dict[str, Any] | None:

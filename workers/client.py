@@ -5,7 +5,7 @@ from __future__ import annotations
 import redis
 
 from workers import keys
-from workers.drain import enqueue_drain
+from workers.drain import enqueue_drain_job, wake
 from workers.protocol import PUSH, Envelope, push_keys
 
 WAKE_TTL_MS = 15_000
@@ -17,23 +17,32 @@ def push(conn: redis.Redis, product_id: int, envelope: Envelope, job_ttl: int,
     code = conn.register_script(PUSH)(keys=push_keys(product_id, envelope.id),
                                       args=[envelope.encode(), qty, job_ttl, WAKE_TTL_MS])
     if code[0] == 1:
-        enqueue_drain(conn, product_id)
+        wake(conn, product_id)
     return [int(c) for c in code]
 
 
 def rewake_stalled(conn: redis.Redis, product_ids: list[int]) -> int:
-    """Wake a drainer for each product with queued work and no live drainer."""
+    """Wake a drainer for each product with queued work and no live drainer.
+
+    A drainer that died left its lease to expire and its product off the ready list; a
+    drain job that died may have left products on the ready list with no job to come.
+    """
     pipe = conn.pipeline(transaction=False)
     for pid in product_ids:
         pipe.llen(keys.queue(pid))
         pipe.llen(keys.inflight(pid))
         pipe.exists(keys.lease(pid))
-    state = pipe.execute()
+    pipe.lrange(keys.READY, 0, -1)
+    pipe.llen(keys.DRAIN_JOBS)
+    *state, ready, waiting_jobs = pipe.execute()
+    waiting = {int(pid) for pid in ready}
     woken = 0
     for n, pid in enumerate(product_ids):
         queued, inflight, leased = state[3 * n:3 * n + 3]
-        if (queued or inflight) and not leased:
+        if (queued or inflight) and not leased and pid not in waiting:
             conn.set(keys.wake(pid), "1", px=WAKE_TTL_MS)
-            enqueue_drain(conn, pid)
+            wake(conn, pid)
             woken += 1
+    if waiting and not waiting_jobs:
+        enqueue_drain_job(conn)
     return woken

@@ -1,4 +1,4 @@
-"""The rq job that drains one product's queue, batch after batch, under its lease."""
+"""The rq job that drains ready products' queues, batch after batch, under their leases."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import secrets
 import time
 from collections import defaultdict
 from functools import lru_cache
-from typing import Any
+from typing import Any, cast
 
 import orjson
 import redis
@@ -19,6 +19,7 @@ from workers.apply import Outcome, apply_batch
 from workers.decide import Policy, Request, Result
 from workers.protocol import (
     FINISH,
+    READY,
     RELEASE,
     TAKE,
     Envelope,
@@ -30,6 +31,7 @@ from workers.protocol import (
 log = logging.getLogger("flashsale.drain")
 
 DRAIN_JOB_TIMEOUT = 3600
+DRAIN_JOB_SECONDS = 300
 # Envelopes the scheduler pushes, at most one pending per product (see schedules.jobs).
 CONTROL_OPS = ("expire", "retry_webhooks")
 
@@ -39,18 +41,40 @@ def settings() -> Settings:
     return Settings.from_env()
 
 
-def enqueue_drain(conn: redis.Redis, product_id: int) -> None:
-    """Ask some worker to drain ``product_id`` (the caller holds the product's wake flag)."""
+def wake(conn: redis.Redis, product_id: int) -> None:
+    """Put the product on the ready list and make sure a drain job will come for it.
+
+    The caller holds the product's wake flag (set by the push script), so this runs once
+    per drain cycle of the product, not once per request.
+    """
+    if conn.register_script(READY)(keys=[keys.READY, keys.DRAIN_JOBS], args=[product_id]):
+        enqueue_drain_job(conn)
+
+
+def enqueue_drain_job(conn: redis.Redis) -> None:
     Queue(keys.DRAIN_QUEUE, connection=conn).enqueue(
-        "workers.drain.drain", product_id, job_timeout=DRAIN_JOB_TIMEOUT, result_ttl=0,
-        failure_ttl=24 * 3600, description=f"drain product {product_id}")
+        "workers.drain.drain", job_timeout=DRAIN_JOB_TIMEOUT, result_ttl=0,
+        failure_ttl=24 * 3600, description="drain ready products")
 
 
-def drain(product_id: int) -> int:
-    """rq entry point: drain the product until its queue is empty; returns requests applied."""
+def drain(product_id: int | None = None) -> int:
+    """rq entry point: drain ready products until none is left; returns requests applied.
+
+    Each product is drained until its queue is empty, under its lease; then the job takes
+    the next ready product. One job thus serves many lukewarm products without an rq job
+    each; after DRAIN_JOB_SECONDS it hands what is left to a fresh job.
+    """
     job = get_current_job()
     conn = job.connection if job is not None else redis.Redis.from_url(settings().redis_url)
-    return Drainer(conn, product_id, settings()).run()
+    started = time.monotonic()
+    applied = Drainer(conn, product_id, settings()).run() if product_id is not None else 0
+    while (ready := cast(bytes | None, conn.lpop(keys.READY))) is not None:
+        applied += Drainer(conn, int(ready), settings()).run()
+        if time.monotonic() - started > DRAIN_JOB_SECONDS:
+            if conn.llen(keys.READY):
+                enqueue_drain_job(conn)
+            break
+    return applied
 
 
 class Drainer:

@@ -68,6 +68,11 @@ def reply_channel(gateway_id: str) -> str:
 
 
 BATCH_STATS = f"{PREFIX}:stats:batches"
+# Product ids waiting for a drainer, oldest first. Drain jobs take from it until it is
+# empty, so one rq job serves many products (see workers.drain).
+READY = f"{PREFIX}:ready"
+# rq's own list of drain jobs not yet started (rq.Queue.key).
+DRAIN_JOBS = f"rq:queue:{DRAIN_QUEUE}"
 
 
 # --- ids -------------------------------------------------------------------------------

@@ -117,7 +117,15 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) 
 return 0
 """
 
-SCRIPTS = {"push": PUSH, "take": TAKE, "finish": FINISH, "fill": FILL, "release": RELEASE}
+# ready: KEYS ready list, rq's drain job list; ARGV product id.
+# Marks the product as waiting for a drainer. -> 1 when no drain job is waiting to start,
+# so the caller must enqueue one; 0 when a waiting job will find the product.
+READY = """
+redis.call('RPUSH', KEYS[1], ARGV[1])
+if redis.call('LLEN', KEYS[2]) == 0 then return 1 end
+return 0
+"""
+
 
 
 @dataclass(frozen=True)
