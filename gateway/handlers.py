@@ -112,28 +112,18 @@ def _positive_int(raw: str, what: str) -> int:
 # --- holds ----------------------------------------------------------------------------
 
 async def create_hold(request: web.Request) -> web.Response:
-    settings = request.app[SETTINGS]
     key = idempotency_key(request)
-    body = schemas.load(schemas.hold_schema(settings.max_qty_per_hold), await read_json(request))
+    schema = schemas.hold_schema(request.app[SETTINGS].max_qty_per_hold)
+    body = schemas.load(schema, await read_json(request))
     product_id, qty = body["product_id"], body["qty"]
     write = Write(product_id=product_id, op="hold", resource="hold_id", admission_qty=qty,
-                  args={"product_id": product_id, "qty": qty,
-                        "hold_id": keys.new_id("hold", product_id)},
-                  idempotency=("holds", key) if key else None,
-                  fingerprint=fingerprint("hold", body) if key else "")
-    prefer = preference(request)
-    answer = await submit(request.app, write, prefer.wait)
-    return respond(answer, prefer, "/api/holds/{hold_id}")
+                  args={**body, "hold_id": keys.new_id("hold", product_id)},
+                  **keyed("holds", key, body))
+    return await queue_write(request, write, "/api/holds/{hold_id}")
 
 
 async def get_hold(request: web.Request) -> web.Response:
-    hold_id = request.match_info["hold_id"]
-    view = None
-    if keys.parse_partition(hold_id, "hold") is not None:
-        view = await in_executor(request, reads.hold_view, hold_id)
-    if view is None:
-        raise ProblemError(not_found("Hold", hold_id))
-    return json_response(view)
+    return await _view(request, "hold_id", "hold", "Hold", reads.hold_view)
 
 
 # --- orders ---------------------------------------------------------------------------
@@ -145,21 +135,38 @@ async def create_order(request: web.Request) -> web.Response:
     if product_id is None:
         raise ProblemError(not_found("Hold", body["hold_id"]))
     write = Write(product_id=product_id, op="order", resource="order_id",
-                  args={"hold_id": body["hold_id"], "order_id": keys.order_id_for(body["hold_id"])},
-                  idempotency=("orders", key) if key else None,
-                  fingerprint=fingerprint("order", body) if key else "")
-    prefer = preference(request)
-    answer = await submit(request.app, write, prefer.wait)
-    return respond(answer, prefer, "/api/orders/{order_id}")
+                  args={**body, "order_id": keys.order_id_for(body["hold_id"])},
+                  **keyed("orders", key, body))
+    return await queue_write(request, write, "/api/orders/{order_id}")
 
 
 async def get_order(request: web.Request) -> web.Response:
-    order_id = request.match_info["order_id"]
+    return await _view(request, "order_id", "ord", "Order", reads.order_view)
+
+
+async def queue_write(request: web.Request, write: Write, location: str | None = None
+                      ) -> web.Response:
+    """Submit a queued write and answer as the client's Prefer header asks."""
+    prefer = preference(request)
+    return respond(await submit(request.app, write, prefer.wait), prefer, location)
+
+
+def keyed(scope: str, key: str | None, body: dict[str, Any]) -> dict[str, Any]:
+    """The Write fields of an Idempotency-Key: its scope and the request's fingerprint."""
+    if key is None:
+        return {}
+    return {"idempotency": (scope, key), "fingerprint": fingerprint(scope, body)}
+
+
+async def _view(request: web.Request, param: str, kind: str, what: str,
+                reader: Any) -> web.Response:
+    """GET one hold or order from the database; 404 unless the id is ours and exists."""
+    ident = request.match_info[param]
     view = None
-    if keys.parse_partition(order_id, "ord") is not None:
-        view = await in_executor(request, reads.order_view, order_id)
+    if keys.parse_partition(ident, kind) is not None:
+        view = await in_executor(request, reader, ident)
     if view is None:
-        raise ProblemError(not_found("Order", order_id))
+        raise ProblemError(not_found(what, ident))
     return json_response(view)
 
 
@@ -244,7 +251,7 @@ async def create_product(request: web.Request) -> web.Response:
     prefer = preference(request)
     write = Write(product_id=keys.CATALOG, op="create_product", args=body)
     answer = await submit(request.app, write, prefer.wait)
-    if answer.result is not None and answer.result["status"] == 201:
+    if answer.result is not None and answer.result["status"] == 201:  # no stale "missing"
         await request.app[REDIS].delete(keys.product(answer.result["body"]["id"]))
     return respond(answer, prefer, "/api/products/{id}")
 
@@ -255,9 +262,8 @@ async def restock(request: web.Request) -> web.Response:
     body = schemas.load(schemas.RestockRequest(), await read_json(request))
     if await product_from_cache(request.app, product_id) is None:
         raise ProblemError(not_found("Product", product_id))
-    prefer = preference(request)
     write = Write(product_id=product_id, op="restock", args={**body, "product_id": product_id})
-    return respond(await submit(request.app, write, prefer.wait), prefer)
+    return await queue_write(request, write)
 
 
 def add_routes(app: web.Application) -> None:
