@@ -181,6 +181,11 @@ DEMO = {"name": "Demo sneaker drop", "price_cents": 1999, "currency": "USD", "st
 
 
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["bench"]:  # the benchmark has options of its own
+        from bench.__main__ import main as bench_main
+
+        sys.exit(bench_main(argv[1:]))
     parser = argparse.ArgumentParser(prog="flashsale", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     web = sub.add_parser("web", help="the HTTP gateway (PORT)")
@@ -200,6 +205,8 @@ def main(argv: list[str] | None = None) -> None:
     seed.set_defaults(func=cmd_seed)
     sub.add_parser("refunds", help="paid webhooks for cancelled orders, to refund") \
         .set_defaults(func=cmd_refunds)
+    sub.add_parser("bench", help="load-test a deployment: flashsale bench --help "
+                   "(docs/BENCHMARKS.md)")
     run = sub.add_parser("run", help="all-in-one local mode (web, workers, scheduler)")
     run.add_argument("--workers", type=int, default=2)
     run.set_defaults(func=cmd_run)

@@ -1,0 +1,179 @@
+"""The benchmark's pure pieces: statistics, combining runs, goals, report, argument parsing.
+
+No network and no timing assertions: the numbers here are made up.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+import pytest
+
+from bench import report
+from bench.__main__ import int_list, options_from, parser, scenario_list
+from bench.lockserver import take_hold
+from bench.scenarios import spread, stock_check
+from bench.stats import median, percentile, rate, ratio, summarize, worst
+
+
+def test_percentile_is_nearest_rank() -> None:
+    values = [float(v) for v in range(1, 101)]
+    assert percentile(values, 50) == 50.0
+    assert percentile(values, 99) == 99.0
+    assert percentile(values, 100) == 100.0
+    assert percentile(values, 0) == 1.0
+    assert percentile([7.0], 99) == 7.0
+    assert percentile([], 50) is None
+
+
+def test_percentile_rejects_out_of_range() -> None:
+    with pytest.raises(ValueError):
+        percentile([1.0], 101)
+
+
+def test_summarize_reports_milliseconds() -> None:
+    summary = summarize([0.003, 0.001, 0.002, 0.010])
+    assert summary.count == 4
+    assert summary.p50_ms == 2.0
+    assert summary.p99_ms == 10.0
+    assert summary.max_ms == 10.0
+    assert summarize([]).as_dict() == {"count": 0, "p50_ms": None, "p95_ms": None,
+                                       "p99_ms": None, "max_ms": None}
+
+
+def test_rate_median_worst_ratio() -> None:
+    assert rate(500, 10.0, 12.0) == 250.0
+    assert rate(0, 10.0, 12.0) is None
+    assert rate(5, 12.0, 12.0) is None
+    assert rate(5, None, 12.0) is None
+    assert median([3.0, None, 1.0, 2.0]) == 2.0
+    assert median([None]) is None
+    assert worst([0, 3, None, 1]) == 3
+    assert ratio(1000.0, 250.0) == 4.0
+    assert ratio(1.0, 0) is None
+    assert ratio(None, 2.0) is None
+
+
+def test_stock_check_separates_oversold_from_leaked() -> None:
+    exact = stock_check(stock=100, granted=100, unique=100, available=0)
+    assert (exact["oversold"], exact["leaked"], exact["duplicate_hold_ids"]) == (0, 0, 0)
+    over = stock_check(stock=100, granted=103, unique=102, available=0)
+    assert (over["oversold"], over["duplicate_hold_ids"]) == (2, 1)
+    leak = stock_check(stock=100, granted=95, unique=95, available=2)
+    assert (leak["oversold"], leak["leaked"]) == (0, 3)
+    assert stock_check(stock=1, granted=1, unique=1, available=None)["leaked"] is None
+
+
+def test_spread_gives_every_product_a_client_and_every_client_work() -> None:
+    assert spread([1, 2], 5) == [[1], [2], [1], [2], [1]]
+    shares = spread(list(range(10)), 3)
+    assert sorted(p for share in shares for p in share) == list(range(10))
+    assert all(shares)
+
+
+def sellout_result(rate_: float, p99: float, **extra: Any) -> dict[str, Any]:
+    return {"scenario": "sellout", "clients": 200, "holds_per_s": rate_,
+            "latency_ms": {"count": 10, "p50_ms": p99 / 2, "p95_ms": p99, "p99_ms": p99,
+                           "max_ms": p99}, "server_5xx": 0, "transport_errors": 0,
+            "other_status": 0, "oversold": 0, "leaked": 0, "duplicate_hold_ids": 0,
+            "correct": True, **extra}
+
+
+def test_combine_takes_medians_of_rates_and_worst_of_errors() -> None:
+    runs = [sellout_result(100.0, 50.0), sellout_result(300.0, 30.0, server_5xx=2),
+            sellout_result(200.0, 40.0, correct=False)]
+    combined = report.combine(runs)
+    assert combined["holds_per_s"] == 200.0
+    assert combined["latency_ms"]["p99_ms"] == 40.0
+    assert combined["server_5xx"] == 2
+    assert combined["correct"] is False
+    assert combined["runs"] == 3
+    by_key = report.combine_target([{"sellout c=200": runs[0]}, {"sellout c=200": runs[1]}])
+    assert by_key["sellout c=200"]["holds_per_s"] == 200.0
+
+
+def test_goals_compare_service_with_its_peers() -> None:
+    key = report.scenario_key("sellout", 200)
+    targets = {
+        report.SERVICE: {key: sellout_result(2500.0, 100.0),
+                         "read c=200": {"scenario": "read", "clients": 200, "reads_per_s": 3000.0,
+                                        "server_cpu_ms_per_request": 0.4}},
+        report.LOCKSERVER: {key: sellout_result(250.0, 2800.0)},
+        report.HELLO: {"read c=200": {"scenario": "read", "clients": 200, "reads_per_s": 5000.0,
+                                      "server_cpu_ms_per_request": 0.1}},
+    }
+    memory = {report.SERVICE: [{"pid": 7, "rss_mb": 80.0, "peak_rss_mb": 160.0}]}
+    found = {g.name: g for g in report.goals(targets, memory)}
+    assert found["sellout c=200: holds/s vs lock-per-request"].measured == 10.0
+    assert found["sellout c=200: holds/s vs lock-per-request"].met is True
+    assert found["sellout c=200: p99 vs lock-per-request"].measured == 0.04
+    assert found["read c=200: reads/s vs bare aiohttp"].measured == 0.6
+    cpu = found["read c=200: gateway CPU per read, bare aiohttp / ours (Redis CPU not counted)"]
+    assert (cpu.measured, cpu.met) == (0.25, False)
+    assert found["gateway pid 7: peak RSS MB"].met is False
+
+
+def test_render_and_json_line() -> None:
+    key = report.scenario_key("sellout", 200)
+    summary = {"repeat": 3, "targets": {report.SERVICE: {key: sellout_result(2500.0, 100.0)}},
+               "reference": {"commit_per_hold_holds_per_s": 600.0},
+               "goals": [report.Goal("a goal", 1.5, ">= 5x", False).as_dict()],
+               "exited": {"service/web.1": -9}}
+    text = report.render(summary)
+    assert "sellout c=200" in text and "2,500.0" in text and "holds/s" in text
+    assert "commit_per_hold_holds_per_s" in text
+    assert "service/web.1: -9" in text
+    line = report.json_line(summary)
+    assert "\n" not in line
+    assert orjson.loads(line)["targets"][report.SERVICE][key]["holds_per_s"] == 2500.0
+
+
+def test_argument_parsing() -> None:
+    assert int_list("50,200,800") == (50, 200, 800)
+    assert scenario_list("all") == ("sellout", "soldout", "read", "many", "reference")
+    assert scenario_list("read,sellout") == ("read", "sellout")
+    with pytest.raises(Exception, match="unknown scenario"):
+        scenario_list("sellout,nope")
+    quick = options_from(parser().parse_args(["--quick", "--stock", "300"]))
+    assert (quick.repeat, quick.stock, quick.read_seconds) == (1, 300, 2.0)
+    explicit = options_from(parser().parse_args(["--quick", "--stock", "5000"]))
+    assert (explicit.repeat, explicit.stock) == (1, 5000)
+    plain = options_from(parser().parse_args(["--clients", "2000"]))
+    assert (plain.repeat, plain.stock, plain.clients) == (3, 5000, (2000,))
+
+
+class FakeCursor:
+    """Just enough of a pymysql cursor for the peer's hold."""
+
+    def __init__(self, row: tuple[int, int] | None) -> None:
+        self.row = row
+        self.statements: list[str] = []
+
+    def execute(self, sql: str, args: Any = None) -> int:
+        self.statements.append(sql.split()[0])
+        return 1
+
+    def fetchone(self) -> tuple[int, int] | None:
+        return self.row
+
+
+def test_lockserver_hold_locks_then_writes_or_refuses() -> None:
+    granted = FakeCursor((10, 9))
+    assert take_hold(granted, 1, 1, "h1")[0] == 201
+    assert granted.statements == ["SELECT", "UPDATE", "INSERT"]
+    refused = FakeCursor((10, 10))
+    assert take_hold(refused, 1, 1, "h2") == (409, 0)
+    assert refused.statements == ["SELECT"]
+    assert take_hold(FakeCursor(None), 1, 1, "h3") == (404, None)
+
+
+def test_plot_series_picks_each_targets_points_in_order() -> None:
+    from bench.plot import series
+
+    targets = {"service": {"sellout c=800": sellout_result(900.0, 80.0, clients=800),
+                           "sellout c=50": sellout_result(1000.0, 10.0, clients=50),
+                           "many k=10 c=200": {"scenario": "many", "products": 10}}}
+    assert series(targets, "sellout", "clients") == {
+        "service": [(50.0, 1000.0, 10.0), (800.0, 900.0, 80.0)]}
+    assert series(targets, "read", "clients") == {}
