@@ -21,6 +21,7 @@ from flashsale.problems import problem
 from gateway import handlers, openapi
 from gateway.errors import problem_middleware, problem_response
 from gateway.metrics import CONTENT_TYPE, Metrics, metrics_middleware
+from gateway.pipeline import AutoPipeline
 from gateway.replies import ReplyHub
 from gateway.submit import Scripts
 from gateway.typedefs import (
@@ -83,7 +84,7 @@ async def _redis(app: web.Application) -> AsyncIterator[None]:
     app[SYNC_REDIS] = redis.Redis.from_url(
         url, retry=Retry(ExponentialBackoff(cap=0.5, base=0.02), 3),
         retry_on_error=[redis.ConnectionError, redis.TimeoutError])
-    app[SCRIPTS] = Scripts.register(conn)
+    app[SCRIPTS] = Scripts(AutoPipeline(conn))
     app[REPLIES] = ReplyHub(conn)
     await app[REPLIES].start()
     yield

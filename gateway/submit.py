@@ -13,11 +13,11 @@ from dataclasses import dataclass, field
 from typing import Any, cast
 
 import orjson
-import redis.asyncio as aioredis
 from aiohttp import web
 
 from flashsale.problems import idempotency_reused, insufficient_stock, not_found, problem
 from gateway.errors import ProblemError
+from gateway.pipeline import AutoPipeline
 from gateway.typedefs import EXECUTOR, METRICS, REDIS, REPLIES, SCRIPTS, SETTINGS, SYNC_REDIS
 from workers import keys, reads
 from workers.client import WAKE_TTL_MS
@@ -36,17 +36,23 @@ return false
 MISSING_TTL_MS = 5000
 
 
-@dataclass
 class Scripts:
-    push: Any
-    fill: Any
-    claim: Any
-    ready: Any
+    """The gateway's Lua scripts, sent with other requests' commands in one pipeline."""
 
-    @classmethod
-    def register(cls, conn: aioredis.Redis) -> Scripts:
-        return cls(push=conn.register_script(PUSH), fill=conn.register_script(FILL),
-                   claim=conn.register_script(CLAIM), ready=conn.register_script(READY))
+    def __init__(self, pipe: AutoPipeline) -> None:
+        self.pipe = pipe
+
+    async def push(self, keys: list[str], args: list[Any]) -> Any:
+        return await self.pipe.evalsha(PUSH, keys, args)
+
+    async def fill(self, keys: list[str], args: list[Any]) -> Any:
+        return await self.pipe.evalsha(FILL, keys, args)
+
+    async def claim(self, keys: list[str], args: list[Any]) -> Any:
+        return await self.pipe.evalsha(CLAIM, keys, args)
+
+    async def ready(self, keys: list[str], args: list[Any]) -> Any:
+        return await self.pipe.evalsha(READY, keys, args)
 
 
 @dataclass(frozen=True)
@@ -223,7 +229,8 @@ async def cache_product(app: web.Application, product_id: int) -> dict[str, Any]
 
 async def product_from_cache(app: web.Application, product_id: int) -> dict[str, Any] | None:
     """The product as the cache has it, reading through to the database on a miss."""
-    cached = cast(dict[bytes, bytes], await app[REDIS].hgetall(keys.product(product_id)))
+    cached = cast(dict[bytes, bytes],
+                  await app[SCRIPTS].pipe.execute("HGETALL", keys.product(product_id)))
     if b"stock" in cached:
         return {"id": int(cached[b"id"]), "name": cached[b"name"].decode(),
                 "price_cents": int(cached[b"price_cents"]),
