@@ -43,7 +43,7 @@ REDIS_MAX_CONNECTIONS = 256
 
 
 def log_request(request: web.Request, status: int, seconds: float) -> None:
-    access.info("%s %s %s", request.method, request.path_qs, status,
+    access.info("%s %s", request.method, request.path_qs,
                 extra={"status": status, "ms": round(seconds * 1000, 2)})
 
 
