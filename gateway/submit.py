@@ -21,7 +21,7 @@ from gateway.pipeline import AutoPipeline
 from gateway.typedefs import EXECUTOR, METRICS, REDIS, REPLIES, SCRIPTS, SETTINGS, SYNC_REDIS
 from workers import keys, reads
 from workers.client import WAKE_TTL_MS
-from workers.drain import enqueue_drain_job
+from workers.drain import HEARTBEAT_MS, READY_KEYS, enqueue_drain_job
 from workers.protocol import FILL, PUSH, READY, Envelope, product_fields, push_keys
 
 # claim: KEYS idempotency key; ARGV "<job id> <fingerprint> <resource id>", ttl s.
@@ -202,8 +202,9 @@ def _resource(write: Write) -> tuple[str, str] | None:
 
 
 async def _wake(app: web.Application, product_id: int) -> None:
-    """Put the product on the ready list; enqueue an rq drain job only if none is waiting."""
-    if await app[SCRIPTS].ready(keys=[keys.READY, keys.DRAIN_JOBS], args=[product_id]):
+    """Put the product on the ready list; enqueue an rq drain job only if one is needed
+    (see workers.drain.wake)."""
+    if await app[SCRIPTS].ready(keys=READY_KEYS, args=[product_id, HEARTBEAT_MS]):
         loop = asyncio.get_running_loop()  # rq is synchronous
         await loop.run_in_executor(app[EXECUTOR], enqueue_drain_job, app[SYNC_REDIS])
 

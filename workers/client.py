@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import time
+
 import redis
 
 from workers import keys
-from workers.drain import enqueue_drain_job, wake
+from workers.drain import HEARTBEAT_MS, wake
 from workers.protocol import PUSH, Envelope, push_keys
 
 WAKE_TTL_MS = 15_000
@@ -25,16 +27,17 @@ def rewake_stalled(conn: redis.Redis, product_ids: list[int]) -> int:
     """Wake a drainer for each product with queued work and no live drainer.
 
     A drainer that died left its lease to expire and its product off the ready list; a
-    drain job that died may have left products on the ready list with no job to come.
+    drain job that died may have left products on the ready list with no drainer to come.
     """
+    now_ms = int(time.time() * 1000)
+    conn.zremrangebyscore(keys.DRAINERS, "-inf", now_ms - HEARTBEAT_MS)
     pipe = conn.pipeline(transaction=False)
     for pid in product_ids:
         pipe.llen(keys.queue(pid))
         pipe.llen(keys.inflight(pid))
         pipe.exists(keys.lease(pid))
     pipe.lrange(keys.READY, 0, -1)
-    pipe.llen(keys.DRAIN_JOBS)
-    *state, ready, waiting_jobs = pipe.execute()
+    *state, ready = pipe.execute()
     waiting = {int(pid) for pid in ready}
     woken = 0
     for n, pid in enumerate(product_ids):
@@ -43,6 +46,6 @@ def rewake_stalled(conn: redis.Redis, product_ids: list[int]) -> int:
             conn.set(keys.wake(pid), "1", px=WAKE_TTL_MS)
             wake(conn, pid)
             woken += 1
-    if waiting and not waiting_jobs:
-        enqueue_drain_job(conn)
+    if waiting:
+        wake(conn, None)  # a drainer for what already waits, if none is at work
     return woken

@@ -21,6 +21,7 @@ from workers.protocol import (
     FINISH,
     READY,
     RELEASE,
+    RETIRE,
     TAKE,
     Envelope,
     finish_args,
@@ -31,7 +32,11 @@ from workers.protocol import (
 log = logging.getLogger("flashsale.drain")
 
 DRAIN_JOB_TIMEOUT = 3600
-DRAIN_JOB_SECONDS = 300
+# A drain job hands over to a fresh one after this long, so that the maintenance queue
+# (expiry sweeps) gets a worker between drain jobs even during a long rush.
+DRAIN_JOB_SECONDS = 2.0
+# A drainer whose heartbeat is older than this is counted as gone (killed).
+HEARTBEAT_MS = 30_000
 # Envelopes the scheduler pushes, at most one pending per product (see schedules.jobs).
 CONTROL_OPS = ("expire", "retry_webhooks")
 
@@ -41,13 +46,19 @@ def settings() -> Settings:
     return Settings.from_env()
 
 
-def wake(conn: redis.Redis, product_id: int) -> None:
-    """Put the product on the ready list and make sure a drain job will come for it.
+READY_KEYS = [keys.READY, keys.DRAIN_JOBS, keys.DRAINERS, keys.DRAIN_WORKERS]
+
+
+def wake(conn: redis.Redis, product_id: int | None) -> None:
+    """Put the product on the ready list and make sure a drainer will come for it.
 
     The caller holds the product's wake flag (set by the push script), so this runs once
-    per drain cycle of the product, not once per request.
+    per drain cycle of the product, not once per request. A drain job is enqueued only
+    when no job waits to start and fewer drainers work than there are workers: busy
+    drainers take ready products as they go. With None, only the last part.
     """
-    if conn.register_script(READY)(keys=[keys.READY, keys.DRAIN_JOBS], args=[product_id]):
+    pid = "" if product_id is None else product_id
+    if conn.register_script(READY)(keys=READY_KEYS, args=[pid, HEARTBEAT_MS]):
         enqueue_drain_job(conn)
 
 
@@ -58,22 +69,33 @@ def enqueue_drain_job(conn: redis.Redis) -> None:
 
 
 def drain(product_id: int | None = None) -> int:
-    """rq entry point: drain ready products until none is left; returns requests applied.
+    """rq entry point: drain ready products, one batch at a time each; returns requests.
 
-    Each product is drained until its queue is empty, under its lease; then the job takes
-    the next ready product. One job thus serves many lukewarm products without an rq job
-    each; after DRAIN_JOB_SECONDS it hands what is left to a fresh job.
+    A product with more work after its batch goes back to the end of the ready list when
+    other products wait, so many hot products share the drainers fairly. The job leaves
+    when nothing is ready, or hands over to a fresh job after DRAIN_JOB_SECONDS.
     """
     job = get_current_job()
     conn = job.connection if job is not None else redis.Redis.from_url(settings().redis_url)
-    started = time.monotonic()
-    applied = Drainer(conn, product_id, settings()).run() if product_id is not None else 0
-    while (ready := cast(bytes | None, conn.lpop(keys.READY))) is not None:
-        applied += Drainer(conn, int(ready), settings()).run()
-        if time.monotonic() - started > DRAIN_JOB_SECONDS:
-            if conn.llen(keys.READY):
-                enqueue_drain_job(conn)
-            break
+    me = job.id if job is not None else secrets.token_hex(8)
+    retire = conn.register_script(RETIRE)
+    deadline = time.monotonic() + DRAIN_JOB_SECONDS
+    if product_id is not None:  # a job enqueued by an earlier release names its product
+        conn.rpush(keys.READY, product_id)
+    applied = 0
+    try:
+        while time.monotonic() < deadline:
+            conn.zadd(keys.DRAINERS, {me: int(time.time() * 1000)})
+            ready = cast(bytes | None, conn.lpop(keys.READY))
+            if ready is None:
+                if retire(keys=[keys.READY, keys.DRAINERS], args=[me]):
+                    return applied
+                continue
+            applied += Drainer(conn, int(ready), settings()).run(deadline, share=True)
+        if conn.llen(keys.READY):  # time is up: a fresh job carries on
+            enqueue_drain_job(conn)
+    finally:
+        conn.zrem(keys.DRAINERS, me)
     return applied
 
 
@@ -87,10 +109,14 @@ class Drainer:
         self.token = secrets.token_hex(8)
         self.policy = Policy(hold_ttl_ms=config.hold_ttl_seconds * 1000,
                              order_ttl_ms=config.order_payment_ttl_seconds * 1000)
+        self.others_waiting = 0  # products on the ready list, seen after the last batch
         self._take = conn.register_script(TAKE)
         self._finish = conn.register_script(FINISH)
+        self._release = conn.register_script(RELEASE)
 
-    def run(self) -> int:
+    def run(self, deadline: float | None = None, share: bool = False) -> int:
+        """Drain until the queue is empty. Past ``deadline``, or with ``share`` when other
+        products wait, hand the product back to the ready list after a batch."""
         lease = keys.lease(self.product_id)
         if not self.conn.set(lease, self.token, nx=True, px=self.config.lease_ms):
             return 0  # another drainer holds the product and will see our requests
@@ -107,9 +133,18 @@ class Drainer:
                 if not raw:
                     return applied  # queue empty: the script released lease and wake
                 applied += self.step([Envelope.decode(item) for item in raw])
+                if (share and self.others_waiting) or (
+                        deadline is not None and time.monotonic() >= deadline):
+                    self.hand_back()
+                    return applied
         except BaseException:
-            self.conn.register_script(RELEASE)(keys=[lease], args=[self.token])
+            self._release(keys=[lease], args=[self.token])
             raise
+
+    def hand_back(self) -> None:
+        """Release the lease and requeue the product; its wake flag stays set."""
+        self._release(keys=[keys.lease(self.product_id)], args=[self.token])
+        self.conn.rpush(keys.READY, self.product_id)
 
     def step(self, batch: list[Envelope]) -> int:
         """Apply one batch in one transaction, then answer it."""
@@ -145,7 +180,8 @@ class Drainer:
 
     def record(self, batch: list[Envelope], outcome: Outcome, apply_s: float,
                answer_s: float) -> None:
-        """One log line and the shared batch counters the gateway's /metrics exposes."""
+        """One log line and the shared batch counters the gateway's /metrics exposes;
+        also notes whether other products wait for a drainer."""
         granted = sum(1 for e in batch if e.op == "hold" and _status(outcome, e.id) == 201)
         refused = sum(1 for e in batch if e.op == "hold" and _status(outcome, e.id) == 409)
         log.info("batch applied", extra={"product_id": self.product_id, "size": len(batch),
@@ -159,7 +195,8 @@ class Drainer:
         pipe.hincrby(keys.BATCH_STATS, "holds_granted", granted)
         pipe.hincrby(keys.BATCH_STATS, "holds_refused_worker", refused)
         pipe.hincrbyfloat(keys.BATCH_STATS, "apply_seconds", apply_s)
-        pipe.execute()
+        pipe.llen(keys.READY)
+        self.others_waiting = pipe.execute()[-1]
 
 
 BATCH_BUCKETS = (1, 5, 10, 25, 50, 100, 200, 500, 1000)

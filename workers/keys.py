@@ -71,8 +71,12 @@ BATCH_STATS = f"{PREFIX}:stats:batches"
 # Product ids waiting for a drainer, oldest first. Drain jobs take from it until it is
 # empty, so one rq job serves many products (see workers.drain).
 READY = f"{PREFIX}:ready"
-# rq's own list of drain jobs not yet started (rq.Queue.key).
+# Drain jobs at work: member = rq job id, score = heartbeat (ms since the epoch).
+DRAINERS = f"{PREFIX}:drainers"
+# rq's own list of drain jobs not yet started (rq.Queue.key), and set of the workers
+# that listen on the drain queue.
 DRAIN_JOBS = f"rq:queue:{DRAIN_QUEUE}"
+DRAIN_WORKERS = f"rq:workers:{DRAIN_QUEUE}"
 
 
 # --- ids -------------------------------------------------------------------------------

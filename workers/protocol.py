@@ -117,15 +117,31 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) 
 return 0
 """
 
-# ready: KEYS ready list, rq's drain job list; ARGV product id.
-# Marks the product as waiting for a drainer. -> 1 when no drain job is waiting to start,
-# so the caller must enqueue one; 0 when a waiting job will find the product.
+# ready: KEYS ready list, rq's pending drain jobs, active drainers, rq's drain workers
+#        ARGV product id ('' to only check the list), heartbeat expiry ms
+# Marks the product as waiting for a drainer. -> 1 when the caller must enqueue a drain
+# job: none is waiting to start, and fewer drainers are at work than there are workers.
+# Otherwise a drainer at work or a waiting job will take the product.
 READY = """
-redis.call('RPUSH', KEYS[1], ARGV[1])
-if redis.call('LLEN', KEYS[2]) == 0 then return 1 end
+if ARGV[1] ~= '' then redis.call('RPUSH', KEYS[1], ARGV[1])
+elseif redis.call('LLEN', KEYS[1]) == 0 then return 0 end
+if redis.call('LLEN', KEYS[2]) > 0 then return 0 end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local active = redis.call('ZCOUNT', KEYS[3], now - tonumber(ARGV[2]), '+inf')
+local workers = redis.call('SCARD', KEYS[4])
+if active < math.max(workers, 1) then return 1 end
 return 0
 """
 
+# retire: KEYS ready list, active drainers; ARGV drainer id.
+# A drain job leaves only when nothing is ready, atomically with the check, so a product
+# made ready at that moment either is seen here or sees one drainer fewer (READY).
+RETIRE = """
+if redis.call('LLEN', KEYS[1]) > 0 then return 0 end
+redis.call('ZREM', KEYS[2], ARGV[1])
+return 1
+"""
 
 
 @dataclass(frozen=True)

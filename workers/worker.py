@@ -37,7 +37,8 @@ def work(conn: redis.Redis, burst: bool = False) -> None:
     job's end; the job's batch is safe in Redis and is re-applied by the next drainer.
     """
     while True:
-        worker = DrainWorker([keys.DRAIN_QUEUE, keys.MAINTENANCE_QUEUE], connection=conn)
+        # Maintenance first: sweeps are short, and drain jobs hand over every few seconds.
+        worker = DrainWorker([keys.MAINTENANCE_QUEUE, keys.DRAIN_QUEUE], connection=conn)
         try:
             worker.work(burst=burst, logging_level="WARNING", with_scheduler=False)
             return
