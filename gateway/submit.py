@@ -154,8 +154,12 @@ async def _replay(app: web.Application, write: Write, seen: str, wait: float) ->
     status, result = await app[REPLIES].wait(job_id, None, 0)
     if write.resource and resource_id != "-":
         write.args[write.resource] = resource_id
-    if status == "missing":  # Redis lost the job: queue it again, the worker dedups by id
-        write.job_id = job_id
+    if status == "missing":  # no longer cached: the database has it, unless Redis lost it
+        loop = asyncio.get_running_loop()
+        result = await loop.run_in_executor(app[EXECUTOR], reads.job_result, job_id)
+        if result is not None:
+            return Answer(job_id, result, "done", _resource(write))
+        write.job_id = job_id  # queue it again; the worker applies a request id once
         return await _push(app, write, wait)
     if result is None and wait > 0:
         status, result = await app[REPLIES].wait(job_id, None, wait)

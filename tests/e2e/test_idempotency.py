@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import asyncio
 
+import aiohttp
 import pytest
 
-from tests.e2e.harness import Api, assert_problem
+from tests.e2e.harness import Api, ServiceFactory, assert_problem
 from tests.random_refs import random_idempotency_key
 
 pytestmark = pytest.mark.e2e
@@ -127,3 +128,23 @@ async def test_invalid_order_key_is_400_and_orders_nothing(api: Api, key: str) -
     assert_problem(await api.order(hold["hold_id"], key=key), 400)
     unchanged = await api.get(f"/api/holds/{hold['hold_id']}")
     assert unchanged.body["status"] == "active", unchanged.body
+
+
+# --- replays after the result left the Redis cache ---
+
+
+async def test_replay_after_the_cached_result_expired_answers_from_the_database(
+    http: aiohttp.ClientSession, service_factory: ServiceFactory
+) -> None:
+    """JOB_CACHE_SECONDS=1: the replay finds the result in the database, not by deciding
+    again (which, the product being sold out by then, would refuse)."""
+    api = Api(http, service_factory.get("short-job-cache", JOB_CACHE_SECONDS="1"))
+    pid = (await api.create_product(stock=2))["id"]
+    key = random_idempotency_key("hold")
+    first = await api.settle(await api.hold(pid, 2, key=key))
+    assert first.status == 201, first
+    await asyncio.sleep(2.5)  # the job key has expired; the Idempotency-Key has not
+
+    replay = await api.settle(await api.hold(pid, 2, key=key))
+    assert (replay.status, replay.body) == (201, first.body), replay
+    await assert_available_stays(api, pid, 0)
