@@ -26,6 +26,7 @@ from gateway.replies import ReplyHub
 from gateway.submit import Scripts
 from gateway.typedefs import (
     EXECUTOR,
+    FILLING,
     METRICS,
     REDIS,
     REPLIES,
@@ -54,6 +55,7 @@ def create_app(settings: Settings) -> web.Application:
                                        problem_middleware])
     app[SETTINGS] = settings
     app[METRICS] = metrics
+    app[FILLING] = {}
     app.cleanup_ctx.append(_database)
     app.cleanup_ctx.append(_redis)
     handlers.add_routes(app)

@@ -6,6 +6,7 @@ import logging
 from typing import Any
 
 import orjson
+import peewee
 import redis.exceptions
 from aiohttp import web
 from aiohttp.typedefs import Handler
@@ -58,6 +59,10 @@ async def problem_middleware(request: web.Request, handler: Handler) -> web.Stre
         log.error("redis unavailable: %s", exc)
         return problem_response(problem(503, detail="The queue is unreachable; retry shortly"),
                                 {"Retry-After": "1"})
+    except (peewee.OperationalError, peewee.InterfaceError) as exc:
+        log.error("database unavailable: %s", exc)
+        return problem_response(problem(503, detail="The database is unreachable; retry "
+                                                    "shortly"), {"Retry-After": "1"})
     except Exception:
         log.exception("unhandled error on %s %s", request.method, request.path)
         return problem_response(problem(500, detail="An unexpected error occurred"))

@@ -18,7 +18,16 @@ from aiohttp import web
 from flashsale.problems import idempotency_reused, insufficient_stock, not_found, problem
 from gateway.errors import ProblemError
 from gateway.pipeline import AutoPipeline
-from gateway.typedefs import EXECUTOR, METRICS, REDIS, REPLIES, SCRIPTS, SETTINGS, SYNC_REDIS
+from gateway.typedefs import (
+    EXECUTOR,
+    FILLING,
+    METRICS,
+    REDIS,
+    REPLIES,
+    SCRIPTS,
+    SETTINGS,
+    SYNC_REDIS,
+)
 from workers import keys, reads
 from workers.client import WAKE_TTL_MS
 from workers.drain import HEARTBEAT_MS, READY_KEYS, enqueue_drain_job
@@ -214,7 +223,19 @@ async def _wake(app: web.Application, product_id: int) -> None:
 
 
 async def cache_product(app: web.Application, product_id: int) -> dict[str, Any] | None:
-    """Fill the product cache from the database (only if absent); None if unknown."""
+    """Fill the product cache from the database (only if absent); None if unknown.
+
+    The first requests for a product arrive together: one database read serves them all.
+    """
+    filling = app[FILLING]
+    pending = filling.get(product_id)
+    if pending is None:
+        pending = filling[product_id] = asyncio.ensure_future(_fill(app, product_id))
+        pending.add_done_callback(lambda _: filling.pop(product_id, None))
+    return await asyncio.shield(pending)
+
+
+async def _fill(app: web.Application, product_id: int) -> dict[str, Any] | None:
     loop = asyncio.get_running_loop()
     view = await loop.run_in_executor(app[EXECUTOR], reads.product_view, product_id)
     conn = app[REDIS]

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import redis
 import redis.asyncio as aioredis
@@ -24,3 +25,5 @@ EXECUTOR = web.AppKey("executor", ThreadPoolExecutor)
 REPLIES: web.AppKey[ReplyHub] = web.AppKey("replies")
 SCRIPTS: web.AppKey[Scripts] = web.AppKey("scripts")
 METRICS: web.AppKey[Metrics] = web.AppKey("metrics")
+# Product cache fills under way: concurrent misses on one product share one database read.
+FILLING: web.AppKey[dict[int, asyncio.Future[dict[str, Any] | None]]] = web.AppKey("filling")
