@@ -84,7 +84,7 @@ async def _redis(app: web.Application) -> AsyncIterator[None]:
     conn = aioredis.Redis(connection_pool=pool)
     app[REDIS] = conn
     app[SYNC_REDIS] = redis.Redis.from_url(
-        url, retry=Retry(ExponentialBackoff(cap=0.5, base=0.02), 3),
+        url, retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), 8),
         retry_on_error=[redis.ConnectionError, redis.TimeoutError])
     app[SCRIPTS] = Scripts(AutoPipeline(conn))
     app[REPLIES] = ReplyHub(conn)

@@ -56,11 +56,11 @@ async def problem_middleware(request: web.Request, handler: Handler) -> web.Stre
                   413: "The request body is larger than 64 KiB"}.get(exc.status, exc.reason)
         return problem_response(problem(exc.status, detail=detail), headers)
     except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
-        log.error("redis unavailable: %s", exc)
+        log.error("redis unavailable: %s", exc, exc_info=True)
         return problem_response(problem(503, detail="The queue is unreachable; retry shortly"),
                                 {"Retry-After": "1"})
     except (peewee.OperationalError, peewee.InterfaceError) as exc:
-        log.error("database unavailable: %s", exc)
+        log.error("database unavailable: %s", exc, exc_info=True)
         return problem_response(problem(503, detail="The database is unreachable; retry "
                                                     "shortly"), {"Retry-After": "1"})
     except Exception:
