@@ -23,6 +23,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import pymysql
 import redis
+from honcho.environ import parse_procfile
 
 from bench.client import Target
 from bench.reference import connect_kwargs
@@ -53,28 +54,25 @@ def find_procfile(given: str | None) -> Path:
 
 
 def read_procfile(path: Path) -> dict[str, str]:
-    """Process type -> command line."""
-    commands: dict[str, str] = {}
-    for raw in path.read_text().splitlines():
-        line = raw.strip()
-        if line and not line.startswith("#") and ":" in line:
-            name, _, command = line.partition(":")
-            commands[name.strip()] = command.strip()
-    return commands
+    """Process type -> command line, parsed as honcho (which `flashsale run` uses) does."""
+    return dict(parse_procfile(path.read_text()).processes)
 
 
 def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
 
 
 def with_database(url: str, database: str) -> str:
+    """The same MySQL server URL, naming another database."""
     parts = urlsplit(url)
     return urlunsplit((parts.scheme, parts.netloc, f"/{database}", parts.query, ""))
 
 
 def with_redis_db(url: str, index: int) -> str:
+    """The same Redis server URL, naming another logical database."""
     parts = urlsplit(url)
     return urlunsplit((parts.scheme, parts.netloc, f"/{index}", parts.query, ""))
 

@@ -17,11 +17,15 @@ from __future__ import annotations
 
 import os
 from typing import Any, NoReturn
-from urllib.parse import unquote, urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit
 
 import pymysql
 import pytest
 import redis
+
+# URL helpers shared with the benchmark's deployments; the integration tier uses them.
+from bench.procs import with_database as with_database
+from bench.procs import with_redis_db as with_redis_db
 
 MYSQL_URL_ENV = "TEST_MYSQL_URL"
 REDIS_URL_ENV = "TEST_REDIS_URL"
@@ -60,18 +64,6 @@ def mysql_connect_kwargs(url: str) -> dict[str, Any]:
     if database:
         kwargs["database"] = database
     return kwargs
-
-
-def with_database(url: str, database: str) -> str:
-    """The same MySQL server URL, naming another database."""
-    parts = urlsplit(url)
-    return urlunsplit((parts.scheme, parts.netloc, f"/{database}", parts.query, ""))
-
-
-def with_redis_db(url: str, index: int) -> str:
-    """The same Redis server URL, naming another logical database."""
-    parts = urlsplit(url)
-    return urlunsplit((parts.scheme, parts.netloc, f"/{index}", parts.query, ""))
 
 
 def mysql_problem(url: str) -> str | None:

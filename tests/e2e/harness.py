@@ -18,7 +18,6 @@ import os
 import re
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -35,6 +34,8 @@ import pytest
 import redis
 from multidict import CIMultiDict
 
+from bench import procs
+from bench.procs import free_port
 from tests import services
 from tests.random_refs import random_database_name, random_product_name
 
@@ -75,30 +76,14 @@ class ServiceStartError(Exception):
 
 
 def read_procfile(path: Path | None = None) -> dict[str, str]:
-    """Process type -> command line, as honcho/foreman read it."""
-    path = path or PROCFILE
-    commands: dict[str, str] = {}
-    for number, raw in enumerate(path.read_text().splitlines(), start=1):
-        line = raw.strip()
-        if not line or line.startswith("#"):
-            continue
-        name, sep, command = line.partition(":")
-        if not sep or not name.strip() or not command.strip():
-            raise ValueError(f"{path}:{number}: not a Procfile line: {raw!r}")
-        commands[name.strip()] = command.strip()
-    return commands
+    """Process type -> command line, as honcho reads it."""
+    return procs.read_procfile(path or PROCFILE)
 
 
 def venv_bin() -> Path:
     """The directory of the installed ``flashsale`` console script."""
     local = REPO_ROOT / ".venv" / "bin"
     return local if local.is_dir() else Path(sys.executable).parent
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def tail(path: Path, lines: int = 60) -> str:
@@ -369,8 +354,8 @@ class ServiceFactory:
         name = f"{label}-{database.removeprefix('fs_e2e_')}"
         log_dir = self.log_root / name
         env = instance_env(
-            database_url=services.with_database(self.mysql_url, database),
-            redis_url=services.with_redis_db(self.redis_url, redis_db),
+            database_url=procs.with_database(self.mysql_url, database),
+            redis_url=procs.with_redis_db(self.redis_url, redis_db),
             data_dir=log_dir / "data",
             overrides=overrides,
         )
@@ -399,13 +384,13 @@ class ServiceFactory:
         if not free:
             raise ServiceStartError("all Redis databases 8..15 are in use by this session")
         for index in free:
-            with redis.Redis.from_url(services.with_redis_db(self.redis_url, index)) as client:
+            with redis.Redis.from_url(procs.with_redis_db(self.redis_url, index)) as client:
                 if client.dbsize() == 0:
                     return index
         return free[0]
 
     def _flush_redis(self, index: int) -> None:
-        with redis.Redis.from_url(services.with_redis_db(self.redis_url, index)) as client:
+        with redis.Redis.from_url(procs.with_redis_db(self.redis_url, index)) as client:
             client.flushdb()
 
     def _mysql(self) -> pymysql.connections.Connection:
