@@ -207,7 +207,8 @@ OPERATIONS = (
         "get", "/api/holds/{hold_id}", "getHold", "holds", "Read a hold",
         "A hold whose `expires_at` has passed is never reported `active`. A converted hold "
         "names its `order_id` and stays `converted` whatever becomes of the order.",
-        {200: reply("The hold.", "Hold"), 404: "NotFound"}, params=("hold_id",)),
+        {200: reply("The hold.", "Hold"), 404: "NotFound", 503: "Unavailable"},
+        params=("hold_id",)),
     Operation(
         "post", "/api/orders", "createOrder", "orders", "Turn a hold into an order",
         "The hold becomes `converted`; its units stay reserved until payment, a failed "
@@ -227,7 +228,8 @@ OPERATIONS = (
         "get", "/api/orders/{order_id}", "getOrder", "orders", "Read an order",
         "An order past `pay_by` is never reported `pending_payment`: it is `cancelled` and "
         "its units return to `available` within seconds.",
-        {200: reply("The order.", "Order"), 404: "NotFound"}, params=("order_id",)),
+        {200: reply("The order.", "Order"), 404: "NotFound", 503: "Unavailable"},
+        params=("order_id",)),
     Operation(
         "get", "/api/jobs/{job_id}", "getJob", "jobs", "Poll a queued request",
         "`status` is `queued`, `processing` or `done`; when `done`, `result` is `{status, "
