@@ -11,6 +11,7 @@ from typing import Any, cast
 
 import orjson
 import redis
+from redis.exceptions import NoScriptError
 from rq import Queue, get_current_job
 
 from flashsale.config import Settings
@@ -85,8 +86,10 @@ def drain(product_id: int | None = None) -> int:
     applied = 0
     try:
         while time.monotonic() < deadline:
-            conn.zadd(keys.DRAINERS, {me: int(time.time() * 1000)})
-            ready = cast(bytes | None, conn.lpop(keys.READY))
+            pipe = conn.pipeline(transaction=False)
+            pipe.zadd(keys.DRAINERS, {me: int(time.time() * 1000)})  # heartbeat
+            pipe.lpop(keys.READY)
+            ready = cast(bytes | None, pipe.execute()[1])
             if ready is None:
                 if retire(keys=[keys.READY, keys.DRAINERS], args=[me]):
                     return applied
@@ -117,19 +120,19 @@ class Drainer:
     def run(self, deadline: float | None = None, share: bool = False) -> int:
         """Drain until the queue is empty. Past ``deadline``, or with ``share`` when other
         products wait, hand the product back to the ready list after a batch."""
-        lease = keys.lease(self.product_id)
-        if not self.conn.set(lease, self.token, nx=True, px=self.config.lease_ms):
-            return 0  # another drainer holds the product and will see our requests
-        applied = 0
+        applied, first = 0, True
         try:
             while True:
+                # The first TAKE also takes the lease, if no other drainer holds it.
                 raw = self._take(keys=take_keys(self.product_id),
                                  args=[self.token, self.config.batch_size,
                                        self.config.lease_ms,
-                                       keys.job_prefix(self.product_id)])
-                if raw is None:
-                    log.warning("product %d: lease lost, stopping", self.product_id)
+                                       keys.job_prefix(self.product_id), int(first)])
+                if raw is None:  # another drainer has the product and sees our requests
+                    if not first:
+                        log.warning("product %d: lease lost, stopping", self.product_id)
                     return applied
+                first = False
                 if not raw:
                     return applied  # queue empty: the script released lease and wake
                 applied += self.step([Envelope.decode(item) for item in raw])
@@ -138,26 +141,45 @@ class Drainer:
                     self.hand_back()
                     return applied
         except BaseException:
-            self._release(keys=[lease], args=[self.token])
+            self._release(keys=[keys.lease(self.product_id)], args=[self.token])
             raise
 
     def hand_back(self) -> None:
         """Release the lease and requeue the product; its wake flag stays set."""
-        self._release(keys=[keys.lease(self.product_id)], args=[self.token])
-        self.conn.rpush(keys.READY, self.product_id)
+        pipe = self.conn.pipeline(transaction=False)
+        release_keys = [keys.lease(self.product_id)]
+        pipe.evalsha(self._release.sha, 1, *release_keys, self.token)
+        pipe.rpush(keys.READY, self.product_id)
+        if isinstance(pipe.execute(raise_on_error=False)[0], NoScriptError):
+            self._release(keys=release_keys, args=[self.token])
 
     def step(self, batch: list[Envelope]) -> int:
-        """Apply one batch in one transaction, then answer it."""
+        """Apply one batch in one transaction, then answer it: one round trip to Redis
+        for the results, the replies, the cache and the counters."""
         started = time.perf_counter()
         requests = [Request(id=e.id, op=e.op, args=e.args, idem=e.idem) for e in batch]
         outcome = apply_batch(self.product_id, requests, self.policy)
         committed = time.perf_counter()
-        self.answer(batch, outcome)
-        self.record(batch, outcome, committed - started, time.perf_counter() - committed)
+        finish_keys, finish_argv = self.answer(batch, outcome)
+        pipe = self.conn.pipeline(transaction=False)
+        pipe.evalsha(self._finish.sha, len(finish_keys), *finish_keys, *finish_argv)
+        granted, refused = self.count(pipe, batch, outcome, committed - started)
+        pipe.llen(keys.READY)
+        replies = pipe.execute(raise_on_error=False)
+        if isinstance(replies[0], NoScriptError):  # Redis restarted: load it and run it
+            self._finish(keys=finish_keys, args=finish_argv)
+        elif isinstance(replies[0], Exception):
+            raise replies[0]
+        self.others_waiting = replies[-1]
+        log.info("batch applied", extra={"product_id": self.product_id, "size": len(batch),
+                                         "granted": granted, "refused": refused,
+                                         "apply_ms": round((committed - started) * 1000, 2),
+                                         "answer_ms": round((time.perf_counter() - committed)
+                                                            * 1000, 2)})
         return len(batch)
 
-    def answer(self, batch: list[Envelope], outcome: Outcome) -> None:
-        """Store results, publish replies, refresh the cache: one script call."""
+    def answer(self, batch: list[Envelope], outcome: Outcome) -> tuple[list[str], list[Any]]:
+        """The FINISH call for a committed batch: results, replies, cache, control flags."""
         results: dict[str, bytes] = {}
         replies: dict[str, list[Any]] = defaultdict(list)
         for env in batch:
@@ -170,33 +192,25 @@ class Drainer:
         admitted = sum(int(e.args.get("qty", 0)) for e in batch if e.op == "hold")
         fields = product_fields(outcome.product) if outcome.product else {}
         delete = [keys.control(self.product_id, e.op) for e in batch if e.op in CONTROL_OPS]
-        self._finish(keys=[keys.inflight(self.product_id), keys.lease(self.product_id),
-                           keys.product(self.product_id)],
-                     args=finish_args(self.token, self.config.lease_ms,
-                                      self.config.job_cache_seconds, self.product_id, admitted,
-                                      fields, results,
-                                      {ch: orjson.dumps(r) for ch, r in replies.items()},
-                                      sorted(set(delete))))
+        return ([keys.inflight(self.product_id), keys.lease(self.product_id),
+                 keys.product(self.product_id)],
+                finish_args(self.token, self.config.lease_ms, self.config.job_cache_seconds,
+                            self.product_id, admitted, fields, results,
+                            {ch: orjson.dumps(r) for ch, r in replies.items()},
+                            sorted(set(delete))))
 
-    def record(self, batch: list[Envelope], outcome: Outcome, apply_s: float,
-               answer_s: float) -> None:
-        """One log line and the shared batch counters the gateway's /metrics exposes;
-        also notes whether other products wait for a drainer."""
+    def count(self, pipe: Any, batch: list[Envelope], outcome: Outcome,
+              apply_s: float) -> tuple[int, int]:
+        """Add the batch to the shared counters that the gateway's /metrics exposes."""
         granted = sum(1 for e in batch if e.op == "hold" and _status(outcome, e.id) == 201)
         refused = sum(1 for e in batch if e.op == "hold" and _status(outcome, e.id) == 409)
-        log.info("batch applied", extra={"product_id": self.product_id, "size": len(batch),
-                                         "granted": granted, "refused": refused,
-                                         "apply_ms": round(apply_s * 1000, 2),
-                                         "answer_ms": round(answer_s * 1000, 2)})
-        pipe = self.conn.pipeline(transaction=False)
         pipe.hincrby(keys.BATCH_STATS, "batches", 1)
         pipe.hincrby(keys.BATCH_STATS, "requests", len(batch))
         pipe.hincrby(keys.BATCH_STATS, f"size_le_{_bucket(len(batch))}", 1)
         pipe.hincrby(keys.BATCH_STATS, "holds_granted", granted)
         pipe.hincrby(keys.BATCH_STATS, "holds_refused_worker", refused)
         pipe.hincrbyfloat(keys.BATCH_STATS, "apply_seconds", apply_s)
-        pipe.llen(keys.READY)
-        self.others_waiting = pipe.execute()[-1]
+        return granted, refused
 
 
 BATCH_BUCKETS = (1, 5, 10, 25, 50, 100, 200, 500, 1000)

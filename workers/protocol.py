@@ -44,11 +44,17 @@ return {0}
 """
 
 # take: KEYS queue, inflight, lease, wake, product
-#       ARGV token, batch size, lease ms, job key prefix
-# -> nil: lease lost | {}: nothing left (lease and wake released) | envelopes
+#       ARGV token, batch size, lease ms, job key prefix, '1' to take a free lease
+# -> nil: the lease is someone else's (or lost) | {}: nothing left (lease and wake
+#    released) | envelopes
 TAKE = """
-if redis.call('GET', KEYS[3]) ~= ARGV[1] then return false end
-redis.call('PEXPIRE', KEYS[3], ARGV[3])
+local holder = redis.call('GET', KEYS[3])
+if holder ~= ARGV[1] then
+  if holder or ARGV[5] ~= '1' then return false end
+  redis.call('SET', KEYS[3], ARGV[1], 'PX', ARGV[3])
+else
+  redis.call('PEXPIRE', KEYS[3], ARGV[3])
+end
 local items = redis.call('LRANGE', KEYS[2], 0, -1)
 if #items == 0 then
   items = redis.call('LPOP', KEYS[1], ARGV[2])
