@@ -58,6 +58,15 @@ def read_procfile(path: Path) -> dict[str, str]:
     return dict(parse_procfile(path.read_text()).processes)
 
 
+def tail(path: Path, lines: int = 60) -> str:
+    """The last ``lines`` lines of a process log, for failure reports."""
+    try:
+        text = path.read_text(errors="replace")
+    except OSError as exc:
+        return f"<cannot read {path}: {exc}>"
+    return "\n".join(text.splitlines()[-lines:])
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on right now."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
@@ -141,11 +150,7 @@ class Proc:
         return self.popen.poll() is None
 
     def tail(self, lines: int = 30) -> str:
-        try:
-            text = self.log_path.read_text(errors="replace")
-        except OSError as exc:
-            return f"<{exc}>"
-        return "\n".join(text.splitlines()[-lines:])
+        return tail(self.log_path, lines)
 
 
 @dataclass

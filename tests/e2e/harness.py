@@ -35,7 +35,7 @@ import redis
 from multidict import CIMultiDict
 
 from bench import procs
-from bench.procs import free_port
+from bench.procs import free_port, tail
 from tests import services
 from tests.random_refs import random_database_name, random_product_name
 
@@ -84,14 +84,6 @@ def venv_bin() -> Path:
     """The directory of the installed ``flashsale`` console script."""
     local = REPO_ROOT / ".venv" / "bin"
     return local if local.is_dir() else Path(sys.executable).parent
-
-
-def tail(path: Path, lines: int = 60) -> str:
-    try:
-        text = path.read_text(errors="replace")
-    except OSError as exc:
-        return f"<cannot read {path}: {exc}>"
-    return "\n".join(text.splitlines()[-lines:])
 
 
 # --- processes -------------------------------------------------------------------------
