@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import redis.asyncio as aioredis
 from aiohttp import web
@@ -80,6 +81,7 @@ class Metrics:
         self.queues = QueueCollector()
         self.registry.register(self.queues)
         self.products: set[int] = set()
+        self._children: dict[tuple[str, str, int], tuple[Any, ...]] = {}
 
     def track(self, product_id: int) -> None:
         """Report this product's queue depth (a bounded set: the hot ones come first)."""
@@ -87,15 +89,22 @@ class Metrics:
             self.products.add(product_id)
 
     def observe(self, request: web.Request, status: int, seconds: float) -> None:
-        info = request.match_info
-        route = info.route.resource.canonical if info.route.resource else "unmatched"
-        self.requests.labels(request.method, route, str(status)).inc()
-        self.latency.labels(route).observe(seconds)
-        if route == "/api/holds" and request.method == "POST":
-            if status == 201:
-                self.holds.labels("granted").inc()
-            elif status == 409:
-                self.holds.labels("refused").inc()
+        resource = request.match_info.route.resource
+        route = resource.canonical if resource else "unmatched"
+        key = (request.method, route, status)
+        children = self._children.get(key)
+        if children is None:  # label lookups take a lock: do them once per combination
+            children = self._children[key] = self._label(*key)
+        for counter in children[1:]:
+            counter.inc()
+        children[0].observe(seconds)
+
+    def _label(self, method: str, route: str, status: int) -> tuple[Any, ...]:
+        children: list[Any] = [self.latency.labels(route),
+                               self.requests.labels(method, route, str(status))]
+        if route == "/api/holds" and method == "POST" and status in (201, 409):
+            children.append(self.holds.labels("granted" if status == 201 else "refused"))
+        return tuple(children)
 
     async def render(self, conn: aioredis.Redis) -> bytes:
         await self.queues.refresh(conn, self.products)
