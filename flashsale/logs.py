@@ -77,9 +77,50 @@ class BatchingStreamHandler(logging.StreamHandler):  # type: ignore[type-arg]
             self.flush()
 
 
+class AccessLog:
+    """The line per HTTP request, written straight to the log stream.
+
+    It is the same line the logging module would write for
+    ``logger.info("GET /path", extra={"status": ..., "ms": ...})``, without building a
+    LogRecord for every request: on a busy gateway that machinery was a tenth of the CPU.
+    """
+
+    def __init__(self, handler: logging.StreamHandler | None, json_lines: bool,  # type: ignore[type-arg]
+                 name: str = "flashsale.access") -> None:
+        self.handler = handler
+        self.json_lines = json_lines
+        self.name = name
+
+    def __call__(self, method: str, path: str, status: int, ms: float) -> None:
+        handler = self.handler
+        if handler is None:
+            return
+        now = time.time()
+        if self.json_lines:
+            line = orjson.dumps({"ts": _timestamp(now), "level": "info", "logger": self.name,
+                                 "msg": f"{method} {path}", "status": status,
+                                 "ms": ms}).decode()
+        else:
+            line = f"{_timestamp(now)} INFO {self.name} {method} {path} status={status} ms={ms}"
+        with handler.lock:  # type: ignore[union-attr]
+            handler.stream.write(line + "\n")
+
+
+_handler: BatchingStreamHandler | None = None
+_json = False
+
+
+def access_log(name: str = "flashsale.access") -> AccessLog:
+    """The access log of the set-up made by ``setup`` (silent before it, or below INFO)."""
+    enabled = logging.getLogger(name).isEnabledFor(logging.INFO)
+    return AccessLog(_handler if enabled else None, _json, name)
+
+
 def setup(json_lines: bool, level: int = logging.INFO) -> None:
+    global _handler, _json
     handler = BatchingStreamHandler(sys.stdout)
     handler.setFormatter(JsonFormatter() if json_lines else PlainFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
+    _handler, _json = handler, json_lines

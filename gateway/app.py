@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 
@@ -16,6 +15,7 @@ from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
 import models
+from flashsale import logs
 from flashsale.config import Settings
 from flashsale.problems import problem
 from gateway import handlers, openapi
@@ -36,20 +36,20 @@ from gateway.typedefs import (
 )
 from workers import reads
 
-access = logging.getLogger("flashsale.access")
-
 # Concurrent waiters share these; a blocking pool makes requests queue for a connection
 # instead of failing when all are busy.
 REDIS_MAX_CONNECTIONS = 256
 
 
-def log_request(request: web.Request, status: int, seconds: float) -> None:
-    access.info("%s %s", request.method, request.path_qs,
-                extra={"status": status, "ms": round(seconds * 1000, 2)})
 
 
 def create_app(settings: Settings) -> web.Application:
     metrics = Metrics()
+    access = logs.access_log()
+
+    def log_request(request: web.Request, status: int, seconds: float) -> None:
+        access(request.method, request.path_qs, status, round(seconds * 1000, 2))
+
     app = web.Application(client_max_size=handlers.MAX_BODY,
                           middlewares=[metrics_middleware(metrics, log_request),
                                        problem_middleware])
