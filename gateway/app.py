@@ -41,8 +41,6 @@ from workers import reads
 REDIS_MAX_CONNECTIONS = 256
 
 
-
-
 def create_app(settings: Settings) -> web.Application:
     metrics = Metrics()
     access = logs.access_log()
