@@ -123,20 +123,9 @@ class Process:
         self.popen.wait()
         self.log_file.close()
 
-    def cpu_ticks(self) -> int:
-        """CPU time (clock ticks) used so far by every process of the group (Linux)."""
-        total = 0
-        for entry in Path("/proc").iterdir():
-            if not entry.name.isdigit():
-                continue
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            fields = stat[stat.rindex(")") + 2 :].split()
-            if int(fields[2]) == self.popen.pid:  # pgrp
-                total += int(fields[11]) + int(fields[12])  # utime + stime
-        return total
+    def cpu_seconds(self) -> float:
+        """CPU time used so far by every process of the group (Linux)."""
+        return procs.cpu_seconds(self.popen.pid)
 
     def describe(self, lines: int = 60) -> str:
         state = "running" if self.alive() else f"exited with {self.popen.returncode}"

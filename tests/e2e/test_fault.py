@@ -62,9 +62,9 @@ async def test_worker_killed_mid_load_loses_nothing_and_oversells_nothing(
     async def operator() -> None:
         await asyncio.wait_for(time_to_kill.wait(), timeout=RECOVERY_TIMEOUT)
         # The worker busy right now is the likeliest drainer of the product: kill that one.
-        cpu_before = {w.name: w.cpu_ticks() for w in workers}
+        cpu_before = {w.name: w.cpu_seconds() for w in workers}
         await asyncio.sleep(CPU_SAMPLE)
-        victim = max(workers, key=lambda w: w.cpu_ticks() - cpu_before[w.name])
+        victim = max(workers, key=lambda w: w.cpu_seconds() - cpu_before[w.name])
         victim.signal(signal.SIGKILL)
         assert victim.wait(5), f"{victim.name} survived SIGKILL"
         killed.set()
