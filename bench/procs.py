@@ -214,6 +214,7 @@ class Deployment:
 
 
 def healthy(base_url: str) -> bool:
+    """Whether ``GET /healthz`` answers 200."""
     try:
         with urllib.request.urlopen(f"{base_url}/healthz", timeout=2) as response:
             return bool(response.status == 200)

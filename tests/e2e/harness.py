@@ -21,7 +21,6 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -247,7 +246,7 @@ class ServiceInstance:
             if exited:
                 names = ", ".join(p.name for p in exited)
                 raise ServiceStartError(f"{names} exited during startup\n" + self.diagnostics())
-            pending = [url for url in pending if not healthz_ok(url)]
+            pending = [url for url in pending if not procs.healthy(url)]
             if pending and time.monotonic() > deadline:
                 raise ServiceStartError(
                     f"no 200 from {', '.join(u + '/healthz' for u in pending)} "
@@ -264,14 +263,6 @@ class ServiceInstance:
         """The tail of every process's output, for failure messages."""
         header = f"=== service instance {self.name!r}, logs in {self.log_dir}"
         return "\n".join([header, *(p.describe(lines) for p in self.processes)])
-
-
-def healthz_ok(base_url: str) -> bool:
-    try:
-        with urllib.request.urlopen(f"{base_url}/healthz", timeout=2) as response:
-            return bool(response.status == 200)
-    except (OSError, ValueError):
-        return False
 
 
 # --- instances on demand ---------------------------------------------------------------
@@ -380,18 +371,16 @@ class ServiceFactory:
         return pymysql.connect(**kwargs)
 
     def _create_database(self, database: str) -> None:
-        connection = self._mysql()
-        try:
-            with connection.cursor() as cursor:
-                cursor.execute(f"CREATE DATABASE `{database}` CHARACTER SET utf8mb4")
-        finally:
-            connection.close()
+        self._sql(f"CREATE DATABASE `{database}` CHARACTER SET utf8mb4")
 
     def _drop_database(self, database: str) -> None:
+        self._sql(f"DROP DATABASE IF EXISTS `{database}`")
+
+    def _sql(self, statement: str) -> None:
         connection = self._mysql()
         try:
             with connection.cursor() as cursor:
-                cursor.execute(f"DROP DATABASE IF EXISTS `{database}`")
+                cursor.execute(statement)
         finally:
             connection.close()
 
