@@ -1,4 +1,5 @@
-"""The ``flashsale`` command: web, worker, scheduler, migrate, seed, refunds, run."""
+"""The ``flashsale`` command: web, worker, scheduler, migrate, seed, refunds, dead-letters,
+run."""
 
 from __future__ import annotations
 
@@ -109,23 +110,54 @@ def cmd_seed(args: argparse.Namespace) -> None:
 
 
 def cmd_refunds(args: argparse.Namespace) -> None:
+    import peewee as pw
+
     from flashsale.clock import rfc3339
     from models import Order, Webhook
 
     settings = load_settings_without_redis()
     init_database(settings)
+    # A payment for an order that was never created has no amount here: the provider's
+    # record of the event has it.
     rows = (Webhook.select(Webhook.received_at, Webhook.idempotency_key, Webhook.order_id,
                            Order.amount_cents, Order.currency)
-            .join(Order, on=(Order.id == Webhook.order_id))
+            .join(Order, pw.JOIN.LEFT_OUTER, on=(Order.id == Webhook.order_id))
             .where(Webhook.refund_due == True)  # noqa: E712 - peewee expression
             .order_by(Webhook.received_at).dicts())
     print(f"{'received_at':<25} {'idempotency_key':<24} {'order_id':<25} amount")
     count = 0
     for row in cast(Iterable[dict[str, Any]], rows):
+        amount = (f"{row['amount_cents'] / 100:.2f} {row['currency']}"
+                  if row["amount_cents"] is not None else "(order never created)")
         print(f"{rfc3339(row['received_at']):<25} {row['idempotency_key']:<24} "
-              f"{row['order_id']:<25} {row['amount_cents'] / 100:.2f} {row['currency']}")
+              f"{row['order_id']:<25} {amount}")
         count += 1
     print(f"{count} payment(s) to refund")
+
+
+def cmd_dead_letters(args: argparse.Namespace) -> None:
+    """Requests the writer set aside; --replay ID queues one again."""
+    import redis
+
+    from flashsale.clock import rfc3339
+    from workers import deadletters
+
+    settings = load_settings()
+    init_database(settings)
+    if args.replay is not None:
+        conn = redis.Redis.from_url(settings.redis_url)
+        if not deadletters.replay(conn, args.replay, settings.job_ttl_seconds):
+            raise SystemExit(f"no dead letter {args.replay} waiting for a replay")
+        print(f"dead letter {args.replay} queued again")
+        return
+    rows = deadletters.list_dead(args.limit, include_replayed=args.all)
+    print(f"{'id':>6} {'created_at':<25} {'product':>8} {'op':<10} {'status':>6} "
+          f"{'request_id':<24} error")
+    for row in rows:
+        print(f"{row['id']:>6} {rfc3339(row['created_at']):<25} {row['product_id']:>8} "
+              f"{row['op']:<10} {row['status']:>6} {row['request_id']:<24} "
+              f"{row['error'][:120]}")
+    print(f"{len(rows)} dead letter(s)" + ("" if args.all else " waiting"))
 
 
 def cmd_run(args: argparse.Namespace) -> None:
@@ -203,8 +235,13 @@ def main(argv: list[str] | None = None) -> None:
     seed.add_argument("--currency", default=DEMO["currency"])
     seed.add_argument("--stock", type=int, default=DEMO["stock"])
     seed.set_defaults(func=cmd_seed)
-    sub.add_parser("refunds", help="paid webhooks for cancelled orders, to refund") \
-        .set_defaults(func=cmd_refunds)
+    sub.add_parser("refunds", help="payments to refund: for cancelled orders, or for "
+                   "orders never created").set_defaults(func=cmd_refunds)
+    dead = sub.add_parser("dead-letters", help="requests the writer set aside; replay one")
+    dead.add_argument("--replay", type=int, metavar="ID", help="queue dead letter ID again")
+    dead.add_argument("--limit", type=int, default=50)
+    dead.add_argument("--all", action="store_true", help="include replayed ones")
+    dead.set_defaults(func=cmd_dead_letters)
     sub.add_parser("bench", help="load-test a deployment: flashsale bench --help "
                    "(docs/BENCHMARKS.md)")
     run = sub.add_parser("run", help="all-in-one local mode (web, workers, scheduler)")

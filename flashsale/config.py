@@ -6,6 +6,8 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from flashsale.limits import MAX_QTY_PER_HOLD_LIMIT
+
 DEFAULT_DATA_DIR = ".flashsale"
 
 
@@ -19,6 +21,13 @@ def _int(env: Mapping[str, str], name: str, default: int) -> int:
         raise SystemExit(f"{name} must be an integer, got {raw!r}") from None
 
 
+def _bounded(env: Mapping[str, str], name: str, default: int, low: int, high: int) -> int:
+    value = _int(env, name, default)
+    if not low <= value <= high:
+        raise SystemExit(f"{name} must be between {low} and {high}, got {value}")
+    return value
+
+
 def _seconds(env: Mapping[str, str], name: str, default: float) -> float:
     raw = env.get(name)
     if raw is None or raw == "":
@@ -27,8 +36,8 @@ def _seconds(env: Mapping[str, str], name: str, default: float) -> float:
         value = float(raw)
     except ValueError:
         raise SystemExit(f"{name} must be a number of seconds, got {raw!r}") from None
-    if value < 0:
-        raise SystemExit(f"{name} must not be negative, got {raw!r}")
+    if not 0 <= value <= 3600:  # NaN fails this too
+        raise SystemExit(f"{name} must be 0 to 3600 seconds, got {raw!r}")
     return value
 
 
@@ -67,7 +76,7 @@ class Settings:
             redis_url=env.get("REDIS_URL") or "",
             hold_ttl_seconds=_int(env, "HOLD_TTL_SECONDS", 120),
             order_payment_ttl_seconds=_int(env, "ORDER_PAYMENT_TTL_SECONDS", 900),
-            max_qty_per_hold=_int(env, "MAX_QTY_PER_HOLD", 10),
+            max_qty_per_hold=_bounded(env, "MAX_QTY_PER_HOLD", 10, 1, MAX_QTY_PER_HOLD_LIMIT),
             default_wait_seconds=_seconds(env, "DEFAULT_WAIT_SECONDS", 5.0),
             webhook_secret=env.get("WEBHOOK_SECRET") or None,
             admin_token=env.get("ADMIN_TOKEN") or None,

@@ -34,6 +34,7 @@ def problem(status: int, title: str | None = None, detail: str = "", slug: str |
 
 INSUFFICIENT_STOCK = "Insufficient stock"
 HOLD_EXPIRED = "Hold has expired"
+STOCK_LIMIT = "Stock limit reached"
 IDEMPOTENCY_REUSED = "Idempotency-Key reused with a different request"
 
 
@@ -43,7 +44,9 @@ def insufficient_stock(available: int, qty: int) -> dict[str, Any]:
 
 
 def not_found(what: str, ident: object) -> dict[str, Any]:
-    return problem(404, f"{what} not found", f"No {what.lower()} with id {ident!r}",
+    # ascii(): an id from a hostile path can hold anything, lone surrogates included.
+    shown = ascii(ident if not isinstance(ident, str) or len(ident) <= 80 else ident[:80] + "...")
+    return problem(404, f"{what} not found", f"No {what.lower()} with id {shown}",
                    slug="not-found")
 
 

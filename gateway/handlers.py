@@ -5,12 +5,14 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
+import re
 import time
 from typing import Any
 
 import orjson
 from aiohttp import web
 
+from flashsale.limits import is_visible_ascii, parse_product_id
 from flashsale.problems import not_found, problem
 from gateway import schemas
 from gateway.errors import ProblemError
@@ -29,6 +31,9 @@ from workers import keys, reads
 
 MAX_BODY = 64 * 1024
 SIGNATURE_TOLERANCE_S = 300
+MAX_SIGNATURE_PARTS = 16
+_TIMESTAMP = re.compile(r"[0-9]{1,12}", re.ASCII)
+_HEX_SHA256 = re.compile(r"[0-9a-fA-F]{64}", re.ASCII)
 JSON = "application/json"
 
 
@@ -104,9 +109,10 @@ async def get_product(request: web.Request) -> web.Response:
 
 
 def _positive_int(raw: str, what: str) -> int:
-    if not raw.isdigit() or int(raw) < 1 or int(raw) > schemas.MAX_ID:
+    product_id = parse_product_id(raw)
+    if product_id is None:
         raise ProblemError(not_found(what, raw))
-    return int(raw)
+    return product_id
 
 
 # --- holds ----------------------------------------------------------------------------
@@ -134,7 +140,8 @@ async def create_order(request: web.Request) -> web.Response:
     product_id = keys.parse_partition(body["hold_id"], "hold")
     if product_id is None:
         raise ProblemError(not_found("Hold", body["hold_id"]))
-    write = Write(product_id=product_id, op="order", resource="order_id",
+    write = Write(product_id=product_id, op="order", resource="order_id", must_exist=True,
+                  unknown=not_found("Hold", body["hold_id"]),
                   args={**body, "order_id": keys.order_id_for(body["hold_id"])},
                   **keyed("orders", key, body))
     return await queue_write(request, write, "/api/orders/{order_id}")
@@ -197,6 +204,8 @@ async def payment_webhook(request: web.Request) -> web.Response:
         verify_signature(secret, request.headers.get("X-Webhook-Signature", ""), raw)
     body = schemas.load(schemas.WebhookRequest(), parse_json(raw))
     product_id = keys.parse_partition(body["order_id"], "ord")
+    if product_id is not None and await product_from_cache(request.app, product_id) is None:
+        product_id = None  # no such product: kept with other unknown orders' webhooks
     same = fingerprint("webhook", {"order_id": body["order_id"], "status": body["status"]})
     write = Write(product_id=keys.CATALOG if product_id is None else product_id, op="webhook",
                   args={**body, "fingerprint": same},
@@ -209,20 +218,26 @@ async def payment_webhook(request: web.Request) -> web.Response:
 
 
 def verify_signature(secret: str, header: str, raw: bytes) -> None:
-    """``t=<unix>,v1=<hex HMAC-SHA256(secret, "<t>.<raw body>")>``; 401 if not valid."""
-    parts: dict[str, list[str]] = {}
-    for item in header.split(","):
+    """``t=<unix>,v1=<hex HMAC-SHA256(secret, "<t>.<raw body>")>``; 401 if not valid.
+
+    Anything but that shape (a huge or signed ``t``, a ``v1`` that is not 64 hex digits,
+    bytes that are not ASCII) is simply not a valid signature.
+    """
+    timestamps, signatures = [], []
+    for item in header.split(",")[:MAX_SIGNATURE_PARTS]:
         name, _, value = item.strip().partition("=")
-        parts.setdefault(name, []).append(value)
-    try:
-        timestamp = int(parts["t"][0])
-    except (KeyError, ValueError):
-        raise _unauthorized("Missing or malformed X-Webhook-Signature") from None
+        if name == "t" and _TIMESTAMP.fullmatch(value):
+            timestamps.append(int(value))
+        elif name == "v1" and _HEX_SHA256.fullmatch(value):
+            signatures.append(value.lower())
+    if not timestamps or not signatures:
+        raise _unauthorized("Missing or malformed X-Webhook-Signature")
+    timestamp = timestamps[0]
     if abs(time.time() - timestamp) > SIGNATURE_TOLERANCE_S:
         raise _unauthorized("The signature timestamp is too far from now")
     expected = hmac.new(secret.encode(), f"{timestamp}.".encode() + raw,
                         hashlib.sha256).hexdigest()
-    if not any(hmac.compare_digest(expected, v) for v in parts.get("v1", [])):
+    if not any(hmac.compare_digest(expected, v) for v in signatures):
         raise _unauthorized("The signature does not match the body")
 
 
@@ -240,8 +255,8 @@ def require_admin(request: web.Request) -> None:
                                                "not set"))
     given = request.headers.get("Authorization", "")
     scheme, _, credentials = given.partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(credentials.strip().encode(),
-                                                             token.encode()):
+    if scheme.lower() != "bearer" or not is_visible_ascii(credentials) or \
+            not hmac.compare_digest(credentials.strip().encode(), token.encode()):
         raise _unauthorized("A valid bearer token is required", 'Bearer realm="admin"')
 
 
@@ -262,7 +277,8 @@ async def restock(request: web.Request) -> web.Response:
     body = schemas.load(schemas.RestockRequest(), await read_json(request))
     if await product_from_cache(request.app, product_id) is None:
         raise ProblemError(not_found("Product", product_id))
-    write = Write(product_id=product_id, op="restock", args={**body, "product_id": product_id})
+    write = Write(product_id=product_id, op="restock", must_exist=True,
+                  args={**body, "product_id": product_id})
     return await queue_write(request, write)
 
 

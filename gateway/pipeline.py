@@ -26,11 +26,19 @@ class AutoPipeline:
         self._flush_scheduled = False
         self._tasks: set[asyncio.Task[None]] = set()
         self._shas: dict[str, str] = {}
+        self._encoder = conn.connection_pool.get_encoder()
 
     async def execute(self, *command: Any) -> Any:
-        """Run one command (``"HGETALL", key``) in the next pipeline; its reply."""
+        """Run one command (``"HGETALL", key``) in the next pipeline; its reply.
+
+        The arguments are encoded here, in the caller's own call: an argument that cannot
+        be sent (a string that is not valid UTF-8) fails this caller alone, never the
+        other callers whose commands share the pipeline.
+        """
+        encode = self._encoder.encode
+        encoded = tuple(encode(arg) for arg in command)
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._pending.append((command, future))
+        self._pending.append((encoded, future))
         if len(self._pending) >= self.max_batch:
             self._flush()
         elif not self._flush_scheduled:

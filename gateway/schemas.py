@@ -2,17 +2,27 @@
 
 from __future__ import annotations
 
+import re
 from functools import lru_cache
 from typing import Any
 
 from marshmallow import EXCLUDE, RAISE, Schema, ValidationError, fields, validate
 
-MAX_INT = 2**31 - 1
-MAX_ID = 2**63 - 1
+from flashsale.limits import (
+    MAX_KEY_LENGTH,
+    MAX_NAME_LENGTH,
+    MAX_PRICE_CENTS,
+    MAX_PRODUCT_ID,
+    MAX_STOCK,
+)
+
+MAX_ID = MAX_PRODUCT_ID
 
 
 class StrictInteger(fields.Integer):
-    """An integer that is really an integer in the JSON: not "2", not 2.0, not true."""
+    """A JSON number with an integral value (2, 2.0 and 2e0 are the same integer, as in
+    JSON Schema); not "2", not 2.5, not true. Bounds are checked before any conversion,
+    so a huge number costs nothing."""
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(strict=True, **kwargs)
@@ -20,19 +30,48 @@ class StrictInteger(fields.Integer):
     def _deserialize(self, value: Any, attr: Any, data: Any, **kwargs: Any) -> Any:
         if isinstance(value, bool):
             raise self.make_error("invalid")
+        if isinstance(value, float):
+            if not value.is_integer():  # NaN and infinities included
+                raise self.make_error("invalid")
+            if abs(value) > 2**53:  # beyond every bound; int() would be inexact anyway
+                raise ValidationError("Number out of range.")
+            value = int(value)
         return super()._deserialize(value, attr, data, **kwargs)
 
 
+class FullMatch(validate.Regexp):
+    """``Regexp`` that must match the whole string: Python's ``$`` also matches before a
+    final newline ("USD\\n"). The pattern, with ``^``/``$``, is what the OpenAPI shows."""
+
+    def __call__(self, value: Any) -> Any:
+        if not isinstance(value, str) or re.fullmatch(str(self.regex.pattern), value) is None:
+            raise ValidationError(self._format_error(value))
+        return value
+
+
 class StrictString(fields.String):
-    def __init__(self, max_length: int = 255, **kwargs: Any) -> None:
-        super().__init__(validate=validate.Length(min=1, max=max_length), **kwargs)
+    """A string of 1..max_length characters, optionally matching ``pattern`` whole."""
+
+    def __init__(self, max_length: int = MAX_KEY_LENGTH, pattern: str | None = None,
+                 **kwargs: Any) -> None:
+        checks: list[Any] = [validate.Length(min=1, max=max_length)]
+        if pattern is not None:
+            checks.append(FullMatch(pattern, error="Must match {regex}."))
+        super().__init__(validate=checks, **kwargs)
+
+
+# Printable ASCII: what a provider's or a client's key can hold.
+VISIBLE_ASCII = r"^[\x20-\x7e]+$"
+# A product name: any characters but control characters.
+PRINTABLE = r"^[^\x00-\x1f\x7f-\x9f]+$"
 
 
 class HoldRequest(Schema):
     class Meta:
         unknown = RAISE
 
-    product_id = StrictInteger(required=True, validate=validate.Range(min=1, max=MAX_ID))
+    product_id = StrictInteger(required=True,
+                               validate=validate.Range(min=1, max=MAX_PRODUCT_ID))
     qty = StrictInteger(required=True)  # upper bound is configuration: see hold_schema()
 
 
@@ -48,6 +87,7 @@ class OrderRequest(Schema):
     class Meta:
         unknown = RAISE
 
+    # Opaque to clients: a string the service cannot have issued is an unknown hold (404).
     hold_id = StrictString(required=True)
 
 
@@ -55,8 +95,8 @@ class WebhookRequest(Schema):
     class Meta:
         unknown = EXCLUDE  # providers add fields of their own
 
-    idempotency_key = StrictString(required=True)
-    order_id = StrictString(required=True)
+    idempotency_key = StrictString(required=True, pattern=VISIBLE_ASCII)
+    order_id = StrictString(required=True, pattern=VISIBLE_ASCII)
     status = fields.String(required=True, validate=validate.OneOf(["paid", "failed"]))
 
 
@@ -64,18 +104,19 @@ class ProductRequest(Schema):
     class Meta:
         unknown = RAISE
 
-    name = StrictString(required=True, max_length=200)
-    price_cents = StrictInteger(required=True, validate=validate.Range(min=0, max=MAX_ID))
-    currency = fields.String(required=True, validate=validate.Regexp(
+    name = StrictString(required=True, max_length=MAX_NAME_LENGTH, pattern=PRINTABLE)
+    price_cents = StrictInteger(required=True,
+                                validate=validate.Range(min=0, max=MAX_PRICE_CENTS))
+    currency = fields.String(required=True, validate=FullMatch(
         r"^[A-Z]{3}$", error="Must be an ISO 4217 code of three capital letters."))
-    stock = StrictInteger(required=True, validate=validate.Range(min=0, max=MAX_INT))
+    stock = StrictInteger(required=True, validate=validate.Range(min=0, max=MAX_STOCK))
 
 
 class RestockRequest(Schema):
     class Meta:
         unknown = RAISE
 
-    qty = StrictInteger(required=True, validate=validate.Range(min=1, max=MAX_INT))
+    qty = StrictInteger(required=True, validate=validate.Range(min=1, max=MAX_STOCK))
 
 
 # --- responses (documentation only) ---------------------------------------------------

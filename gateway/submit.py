@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import re
 from dataclasses import dataclass, field
 from typing import Any, cast
 
 import orjson
 from aiohttp import web
 
+from flashsale.limits import MAX_KEY_LENGTH, is_visible_ascii
 from flashsale.problems import idempotency_reused, insufficient_stock, not_found, problem
 from gateway.errors import ProblemError
 from gateway.pipeline import AutoPipeline
@@ -31,7 +33,18 @@ from gateway.typedefs import (
 from workers import keys, reads
 from workers.client import WAKE_TTL_MS
 from workers.drain import HEARTBEAT_MS, READY_KEYS, enqueue_drain_job
-from workers.protocol import FILL, PUSH, READY, Envelope, product_fields, push_keys
+from workers.protocol import (
+    FILL,
+    KEYED,
+    MUST_EXIST,
+    PUSH,
+    READY,
+    Envelope,
+    fill_keys,
+    product_fields,
+    push_args,
+    push_keys,
+)
 
 # claim: KEYS idempotency key; ARGV "<job id> <fingerprint> <resource id>", ttl s.
 # Returns the earlier claim, or nil when this request now owns the key.
@@ -82,10 +95,9 @@ class Preference:
                 if name == "respond-async":
                     respond_async = True
                 elif name == "wait":
-                    try:
-                        wait = max(float(arg.strip().strip('"')), 0.0)
-                    except ValueError:
-                        continue
+                    seconds = _seconds(arg.strip().strip('"'))
+                    if seconds is not None:
+                        wait = seconds
         if wait is not None:
             wait = min(wait, maximum)
             applied = f"wait={wait:g}"
@@ -93,6 +105,15 @@ class Preference:
         if respond_async:
             return cls(0.0, "respond-async")
         return cls(default)
+
+
+_SECONDS = re.compile(r"-?[0-9]{1,9}(?:\.[0-9]{1,9})?", re.ASCII)
+
+
+def _seconds(raw: str) -> float | None:
+    """A ``wait`` value: plain decimal seconds, negative meaning 0. NaN, infinities,
+    exponents and non-ASCII digits are not; an unusable preference is ignored (RFC 7240)."""
+    return max(float(raw), 0.0) if _SECONDS.fullmatch(raw) else None
 
 
 @dataclass
@@ -104,6 +125,8 @@ class Write:
     args: dict[str, Any]
     resource: str | None = None  # "hold_id" / "order_id": the id promised in a 202
     admission_qty: int = 0
+    must_exist: bool = False  # answer 404 at once when the product is known not to exist
+    unknown: dict[str, Any] | None = None  # that 404's problem (default: no such product)
     idempotency: tuple[str, str] | None = None  # (scope, key)
     fingerprint: str = ""
     job_id: str = field(default="")
@@ -134,10 +157,10 @@ def idempotency_key(request: web.Request) -> str | None:
     key = raw.strip()
     if len(key) >= 2 and key[0] == key[-1] == '"':
         key = key[1:-1]
-    if not 1 <= len(key) <= 255:
+    if not 1 <= len(key) <= MAX_KEY_LENGTH or not is_visible_ascii(key):
         raise ProblemError(problem(400, "Invalid Idempotency-Key",
-                                   "Idempotency-Key must be 1 to 255 characters",
-                                   slug="invalid-idempotency-key"))
+                                   "Idempotency-Key must be 1 to 255 printable ASCII "
+                                   "characters", slug="invalid-idempotency-key"))
     return key
 
 
@@ -168,7 +191,10 @@ async def _replay(app: web.Application, write: Write, seen: str, wait: float) ->
         result = await loop.run_in_executor(app[EXECUTOR], reads.job_result, job_id)
         if result is not None:
             return Answer(job_id, result, "done", _resource(write))
-        write.job_id = job_id  # queue it again; the worker applies a request id once
+        # Not pushed yet (the first request is between its claim and its push), or lost
+        # with Redis: push it under the first request's job id. PUSH queues a keyed job id
+        # once, so whichever of the two comes second only waits for the same job.
+        write.job_id = job_id
         return await _push(app, write, wait)
     if result is None and wait > 0:
         status, result = await app[REPLIES].wait(job_id, None, wait)
@@ -176,36 +202,44 @@ async def _replay(app: web.Application, write: Write, seen: str, wait: float) ->
 
 
 async def _push(app: web.Application, write: Write, wait: float) -> Answer:
-    conn, settings, hub = app[REDIS], app[SETTINGS], app[REPLIES]
+    settings, hub = app[SETTINGS], app[REPLIES]
+    keyed = write.idempotency is not None
     envelope = Envelope(id=write.job_id, op=write.op, args=write.args,
                         idem=(f"{write.idempotency[0]}:{write.idempotency[1]}",
                               write.fingerprint) if write.idempotency else None,
                         reply=hub.channel)
     app[METRICS].track(write.product_id)
     future = hub.expect(write.job_id)
-    args = [envelope.encode(), write.admission_qty, settings.job_ttl_seconds, WAKE_TTL_MS]
+    unknown = {"status": 404, "body": write.unknown or not_found("Product", write.product_id)}
+    flags = (KEYED if keyed else "") + (MUST_EXIST if write.must_exist else "")
+    args = push_args(envelope, write.admission_qty, settings.job_ttl_seconds, WAKE_TTL_MS,
+                     flags, orjson.dumps(unknown) if keyed else b"",
+                     _sold_out_template(write.admission_qty) if keyed else b"")
     push_keys_ = push_keys(write.product_id, write.job_id)
     code = await app[SCRIPTS].push(keys=push_keys_, args=args)
     if code[0] == 3:  # product not cached yet: read it once, then try again
         await cache_product(app, write.product_id)
         code = await app[SCRIPTS].push(keys=push_keys_, args=args)
-    if code[0] in (2, 3, 4):
+    if code[0] in (2, 3, 4):  # decided here; a keyed answer was stored by the script
         hub.forget(write.job_id)
-        result: dict[str, Any] | None
-        if code[0] == 2:
-            app[METRICS].holds_refused_fast.inc()
-            result = {"status": 409, "body": insufficient_stock(int(code[1]),
-                                                                write.admission_qty)}
-        else:
-            result = {"status": 404, "body": not_found("Product", write.product_id)}
-        if write.idempotency is not None:  # a replay must see the same answer
-            await conn.set(keys.job(write.job_id), orjson.dumps(result),
-                           ex=settings.job_ttl_seconds)
-        return Answer(write.job_id, result)
+        if code[0] != 2:
+            return Answer(write.job_id, unknown)
+        app[METRICS].holds_refused_fast.inc()
+        return Answer(write.job_id, {"status": 409, "body": insufficient_stock(
+            int(code[1]), write.admission_qty)})
     if code[0] == 1:
         await _wake(app, write.product_id)
     status, result = await hub.wait(write.job_id, future, wait)
     return Answer(write.job_id, result, status, _resource(write))
+
+
+AVAILABLE = -7_777_777  # placeholder, replaced by the script with the units left
+
+
+def _sold_out_template(qty: int) -> bytes:
+    body = insufficient_stock(AVAILABLE, qty)
+    return orjson.dumps({"status": 409, "body": body}).replace(
+        str(AVAILABLE).encode(), b"__AVAILABLE__")
 
 
 def _resource(write: Write) -> tuple[str, str] | None:
@@ -249,7 +283,7 @@ async def _fill(app: web.Application, product_id: int) -> dict[str, Any] | None:
     flat: list[Any] = []
     for name, value in product_fields(view).items():
         flat += [name, value]
-    await app[SCRIPTS].fill(keys=[key], args=flat)
+    await app[SCRIPTS].fill(keys=fill_keys(product_id), args=flat)
     return view
 
 

@@ -2,6 +2,7 @@
 
 from models.db import atomic, db, initialize, is_sqlite
 from models.tables import (
+    DeadLetter,
     Hold,
     HoldStatus,
     IdempotencyRecord,
@@ -13,6 +14,6 @@ from models.tables import (
 )
 
 __all__ = [
-    "Hold", "HoldStatus", "IdempotencyRecord", "Order", "OrderStatus", "Product",
+    "DeadLetter", "Hold", "HoldStatus", "IdempotencyRecord", "Order", "OrderStatus", "Product",
     "RequestRecord", "Webhook", "atomic", "db", "initialize", "is_sqlite",
 ]

@@ -5,31 +5,52 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from typing import Any
 
 from models.db import db, is_sqlite
-from models.tables import TABLES, SchemaVersion
+from models.tables import (
+    DeadLetter,
+    Hold,
+    IdempotencyRecord,
+    Order,
+    PartitionLock,
+    Product,
+    RequestRecord,
+    SchemaVersion,
+    Webhook,
+)
 
 log = logging.getLogger(__name__)
 
 
-def _v1_create_tables() -> None:
+def _create(tables: list[type[Any]]) -> None:
     if is_sqlite():
-        db.create_tables(TABLES, safe=True)
+        db.create_tables(tables, safe=True)
         return
     # Ids and idempotency keys are compared byte for byte ("K" is not "k").
-    for model in TABLES:
+    for model in tables:
         model._meta.table_settings = ["DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin"]
     try:
-        db.create_tables(TABLES, safe=True)
+        db.create_tables(tables, safe=True)
     finally:
-        for model in TABLES:
+        for model in tables:
             model._meta.table_settings = []
+
+
+def _v1_create_tables() -> None:
+    _create([Product, Hold, Order, Webhook, RequestRecord, IdempotencyRecord, SchemaVersion])
+
+
+def _v2_dead_letters_and_catalog_lock() -> None:
+    _create([DeadLetter, PartitionLock])
+    PartitionLock.insert(id=0).on_conflict_ignore().execute()
 
 
 # Append new steps; never edit an applied one. A step uses playhouse.migrate to add
 # columns or indexes so existing rows are kept.
 STEPS: list[tuple[int, Callable[[], None]]] = [
     (1, _v1_create_tables),
+    (2, _v2_dead_letters_and_catalog_lock),
 ]
 
 

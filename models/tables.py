@@ -129,6 +129,33 @@ class IdempotencyRecord(BaseModel):
         table_name = "idempotency_keys"
 
 
+class DeadLetter(BaseModel):
+    """A request the writer could not apply: answered alone, kept here for an operator
+    to read and replay (``flashsale dead-letters``)."""
+
+    id = pw.AutoField()
+    request_id = pw.CharField(max_length=64, index=True)
+    product_id = pw.BigIntegerField()
+    op = pw.CharField(max_length=32)
+    envelope = pw.TextField()
+    error = pw.TextField()
+    status_code = pw.SmallIntegerField()
+    created_at = pw.BigIntegerField(index=True)
+    replayed_at = pw.BigIntegerField(null=True)
+
+    class Meta:
+        table_name = "dead_letters"
+
+
+class PartitionLock(BaseModel):
+    """A row to lock for a partition that has no product row: the catalog (id 0)."""
+
+    id = pw.IntegerField(primary_key=True)
+
+    class Meta:
+        table_name = "partition_locks"
+
+
 class SchemaVersion(BaseModel):
     version = pw.IntegerField(primary_key=True)
     applied_at = pw.BigIntegerField()
@@ -137,4 +164,5 @@ class SchemaVersion(BaseModel):
         table_name = "schema_version"
 
 
-TABLES = [Product, Hold, Order, Webhook, RequestRecord, IdempotencyRecord, SchemaVersion]
+TABLES = [Product, Hold, Order, Webhook, RequestRecord, IdempotencyRecord, DeadLetter,
+          PartitionLock, SchemaVersion]

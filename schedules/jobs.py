@@ -24,7 +24,7 @@ from models import (
 )
 from workers import keys
 from workers.client import push, rewake_stalled
-from workers.drain import settings
+from workers.drain import Drainer, settings
 from workers.protocol import Envelope
 
 log = logging.getLogger("flashsale.schedules")
@@ -48,6 +48,12 @@ def sweep() -> dict[str, int]:
     settling = {row.product_id for row in Webhook.select(Webhook.product_id).distinct()
                 .join(Order, on=(Order.id == Webhook.order_id))
                 .where(Webhook.outcome == "pending")}
+    # Webhooks whose order nobody will create: settled (and listed for refund) once the
+    # drainer is sure of it (see decide.Policy.orphaned).
+    policy = Drainer.policy_of(settings())
+    stale = now - policy.hold_ttl_ms - policy.orphan_grace_ms
+    settling |= {row.product_id for row in Webhook.select(Webhook.product_id).distinct()
+                 .where((Webhook.outcome == "pending") & (Webhook.received_at < stale))}
     pushed = sum(control(conn, pid, "expire") for pid in expiring)
     pushed += sum(control(conn, pid, "retry_webhooks") for pid in settling)
     product_ids = [keys.CATALOG] + [p.id for p in Product.select(Product.id)]

@@ -30,8 +30,10 @@ from models import (
     db,
     is_sqlite,
 )
-from workers import keys
+from workers import deadletters, keys
+from workers.deadletters import DeadRequest
 from workers.decide import Ledger, Policy, ProductState, Request, Result, WebhookState
+from workers.keys import hold_id_for, order_id_for
 from workers.reads import hold_state, order_state
 
 log = logging.getLogger(__name__)
@@ -44,45 +46,91 @@ class Outcome:
     results: dict[str, Result]
     product: dict[str, Any] | None
     revised: dict[str, Result] = field(default_factory=dict)
+    dead: list[DeadRequest] = field(default_factory=list)  # set aside, answered alone
 
 
 def apply_batch(product_id: int, requests: list[Request], policy: Policy) -> Outcome:
-    """Apply ``requests`` in order in one transaction; one per request if a guard trips."""
+    """Apply ``requests`` in order in one transaction; one per request if that fails.
+
+    A request that fails on its own (a tripped guard, a value the database refuses, a
+    bug) is answered alone and set aside as a dead letter; the others are applied. Only
+    an unreachable database stops the batch: it stays in flight and is applied again.
+    """
     try:
         with atomic():
             return _apply(product_id, requests, policy)
-    except pw.IntegrityError as exc:
-        log.warning("batch of %d on product %d tripped a guard (%s); retrying one by one",
+    except Exception as exc:
+        if database_unavailable(exc):
+            raise
+        log.warning("batch of %d on product %d failed (%r); applying one by one",
                     len(requests), product_id, exc)
     outcome = Outcome(results={}, product=None)
     for req in requests:
         try:
             with atomic():
                 one = _apply(product_id, [req], policy)
-        except pw.IntegrityError as exc:
-            log.warning("request %s on product %d rejected by a guard: %s", req.id,
-                        product_id, exc)
-            one = _reject(product_id, req, exc)
+        except Exception as exc:
+            if database_unavailable(exc):
+                raise
+            log.error("request %s on product %d set aside: %r", req.id, product_id, exc)
+            one = _set_aside(product_id, req, exc)
         outcome.results.update(one.results)
         outcome.revised.update(one.revised)
+        outcome.dead.extend(one.dead)
         outcome.product = one.product or outcome.product
     return outcome
 
 
-def _reject(product_id: int, req: Request, exc: Exception) -> Outcome:
-    result = Result(409, problem(409, "Conflict", "The request conflicts with the current "
-                                 "state and was not applied", slug="conflict"))
-    with atomic():
-        RequestRecord.insert(id=req.id, product_id=product_id, op=req.op,
-                             status_code=result.status, body=orjson.dumps(result.body).decode(),
-                             created_at=now_ms()).on_conflict_ignore().execute()
-        product = _lock_product(product_id)
-    return Outcome({req.id: result}, product.view() if product else None)
+# MySQL client and server errors that mean "not now" rather than "not this request":
+# lost or refused connections, a server going away or shutting down, lock timeouts.
+_TRANSIENT_MYSQL = {1040, 1053, 1205, 1213, 1927, 2002, 2003, 2005, 2006, 2013, 2055, 4031}
+
+
+def database_unavailable(exc: BaseException) -> bool:
+    """True when ``exc`` says the database cannot be used now, whatever the request."""
+    if isinstance(exc, pw.InterfaceError):
+        return True
+    if isinstance(exc, pw.OperationalError):
+        code = exc.args[0] if exc.args else None
+        if isinstance(code, int):
+            return code in _TRANSIENT_MYSQL
+        return any(word in str(exc).lower() for word in ("locked", "busy", "unable to open"))
+    return isinstance(exc, (ConnectionError, TimeoutError))
+
+
+def _set_aside(product_id: int, req: Request, exc: Exception) -> Outcome:
+    """Answer a request that cannot be applied, and keep it as a dead letter."""
+    if isinstance(exc, pw.IntegrityError):
+        result = Result(409, problem(409, "Conflict", "The request conflicts with the current "
+                                     "state and was not applied", slug="conflict"))
+    elif isinstance(exc, pw.DataError):
+        result = Result(422, problem(422, "Request cannot be applied", "A value derived from "
+                                     "the request does not fit what the service stores",
+                                     slug="cannot-be-applied"))
+    else:
+        result = Result(500, problem(500, detail="The request could not be applied; it was "
+                                     "set aside for an operator", slug="set-aside"))
+    dead = DeadRequest(req, product_id, f"{type(exc).__name__}: {exc}"[:2000], result.status)
+    try:
+        with atomic():
+            product = _lock_product(product_id)
+            RequestRecord.insert(
+                id=req.id, product_id=product_id, op=req.op, status_code=result.status,
+                body=orjson.dumps(result.body).decode(), created_at=now_ms(),
+            ).on_conflict_ignore().execute()
+            deadletters.record(dead, now_ms())
+    except Exception as again:
+        if database_unavailable(again):
+            raise
+        log.error("request %s on product %d: could not record it (%r); answered only",
+                  req.id, product_id, again)
+        product = None
+    return Outcome({req.id: result}, product.view() if product else None, dead=[dead])
 
 
 def _apply(product_id: int, requests: list[Request], policy: Policy) -> Outcome:
-    now = now_ms()
     product = _lock_product(product_id)
+    now = now_ms()  # read under the lock: decisions of one partition never go back in time
     ledger = Ledger(product=product, now=now, policy=policy)
     _load(ledger, product_id, requests)
     todo = [r for r in requests if r.id not in ledger.results]
@@ -98,9 +146,15 @@ def _apply(product_id: int, requests: list[Request], policy: Policy) -> Outcome:
 # builder cost more CPU than the database spent running them.
 
 def _lock_product(product_id: int) -> ProductState | None:
-    """The product row, locked against any other writer until commit."""
+    """The product row, locked against any other writer until commit. The catalog
+    partition has no product row: its own row in partition_locks is locked instead."""
+    lock = "" if is_sqlite() else " FOR UPDATE"
+    if product_id == keys.CATALOG:
+        db.execute_sql(f"SELECT id FROM partition_locks WHERE id = {db.param}{lock}",
+                       (product_id,)).fetchone()
+        return None
     sql = (f"SELECT id, name, price_cents, currency, stock, reserved FROM products "
-           f"WHERE id = {db.param}" + ("" if is_sqlite() else " FOR UPDATE"))
+           f"WHERE id = {db.param}{lock}")
     row = db.execute_sql(sql, (product_id,)).fetchone()
     return ProductState(*row) if row else None
 
@@ -148,30 +202,38 @@ def _load(ledger: Ledger, product_id: int, requests: list[Request]) -> None:
     hooks = {str(r.args["idempotency_key"]): str(r.args["order_id"])
              for r in todo if r.op == "webhook"}
     new_orders = {str(r.args["order_id"]) for r in todo if r.op == "order"}
-    if product_id == keys.CATALOG:
-        _load_webhooks(ledger, Webhook.idempotency_key.in_(list(hooks) or [""]))
+    if hooks:
+        _load_webhooks(ledger, Webhook.idempotency_key.in_(list(hooks)))
+    if "retry_webhooks" in ops:
+        _load_webhooks(ledger, (Webhook.product_id == product_id)
+                       & (Webhook.outcome == "pending"))
+    if product_id == keys.CATALOG:  # webhooks for orders of no product: nothing else
         return
     if hold_ids:
         _load_holds(ledger, (Hold.id.in_(list(hold_ids))) & (Hold.product == product_id))
         _load_orders(ledger, Order.hold.in_(list(hold_ids)))
-    if hooks:
+    if hooks:  # their orders, or the holds that would have become them
         _load_orders(ledger, Order.id.in_(list(set(hooks.values()))))
-        _load_webhooks(ledger, Webhook.idempotency_key.in_(list(hooks)))
-    if new_orders:  # webhooks that arrived before their order
-        _load_webhooks(ledger, (Webhook.order_id.in_(list(new_orders)))
-                       & (Webhook.outcome == "pending"))
+        _load_holds(ledger, Hold.id.in_([hold_id_for(o) for o in set(hooks.values())])
+                    & (Hold.product == product_id))
     if "expire" in ops:
         _load_holds(ledger, (Hold.product == product_id) & (Hold.status == HoldStatus.ACTIVE)
                     & (Hold.expires_at <= ledger.now))
         _load_orders(ledger, (Order.product == product_id)
                      & (Order.status == OrderStatus.PENDING_PAYMENT)
                      & (Order.pay_by <= ledger.now))
-    if "retry_webhooks" in ops:
-        _load_webhooks(ledger, (Webhook.product_id == product_id)
+        # webhooks waiting for orders that the expiring holds will never become
+        new_orders |= {order_id_for(h.id) for h in ledger.holds.values()
+                       if h.status == HoldStatus.ACTIVE}
+    if new_orders:  # webhooks that arrived before their order
+        _load_webhooks(ledger, (Webhook.order_id.in_(list(new_orders)))
                        & (Webhook.outcome == "pending"))
+    if "retry_webhooks" in ops:
         pending = {h.order_id for h in ledger.webhooks.values() if h.outcome == "pending"}
         if pending:
             _load_orders(ledger, Order.id.in_(list(pending)))
+            _load_holds(ledger, Hold.id.in_([hold_id_for(o) for o in pending])
+                        & (Hold.product == product_id))
 
 
 def _load_holds(ledger: Ledger, where: pw.Expression) -> None:

@@ -8,7 +8,7 @@ import redis
 
 from workers import keys
 from workers.drain import HEARTBEAT_MS, wake
-from workers.protocol import PUSH, Envelope, push_keys
+from workers.protocol import PUSH, Envelope, push_args, push_keys
 
 WAKE_TTL_MS = 15_000
 
@@ -17,7 +17,7 @@ def push(conn: redis.Redis, product_id: int, envelope: Envelope, job_ttl: int,
          qty: int = 0) -> list[int]:
     """Queue ``envelope`` behind the product's other requests; wake a drainer if needed."""
     code = conn.register_script(PUSH)(keys=push_keys(product_id, envelope.id),
-                                      args=[envelope.encode(), qty, job_ttl, WAKE_TTL_MS])
+                                      args=push_args(envelope, qty, job_ttl, WAKE_TTL_MS))
     if code[0] == 1:
         wake(conn, product_id)
     return [int(c) for c in code]

@@ -11,14 +11,17 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from flashsale.clock import rfc3339
+from flashsale.limits import MAX_STOCK
 from flashsale.problems import (
     HOLD_EXPIRED,
+    STOCK_LIMIT,
     idempotency_reused,
     insufficient_stock,
     not_found,
     problem,
 )
 from models.tables import HoldStatus, OrderStatus
+from workers.keys import hold_id_for, order_id_for
 
 
 @dataclass(frozen=True)
@@ -127,6 +130,12 @@ class Request:
 class Policy:
     hold_ttl_ms: int
     order_ttl_ms: int
+    # A pending webhook whose order and hold are both still unknown this long after it
+    # arrived names an order that will never exist: settled as ignored (refund if paid).
+    orphan_grace_ms: int = 15 * 60 * 1000
+
+    def orphaned(self, received_at: int, now: int) -> bool:
+        return now - received_at > self.hold_ttl_ms + self.orphan_grace_ms
 
 
 @dataclass
@@ -238,6 +247,7 @@ class Ledger:
             return Result(200, self.orders[hold.order_id].view(self.now))
         if not hold.is_active(self.now):
             self._expire_hold(hold)
+            self._settle_never_created(order_id_for(hold.id))
             return Result(409, problem(409, HOLD_EXPIRED,
                                        f"Hold {hold.id} expired at {rfc3339(hold.expires_at)}",
                                        slug="hold-expired"))
@@ -286,6 +296,10 @@ class Ledger:
         if order is None:
             hook.response = Result(202, {"idempotency_key": key, "order_id": hook.order_id,
                                          "outcome": "pending"})
+            hold = self.holds.get(hold_id_for(hook.order_id))
+            if hold is not None and hold.status != HoldStatus.CONVERTED and \
+                    not hold.is_active(self.now):  # its order can no longer be created
+                self._settle_never_created(hook.order_id)
             return hook.response
         return self._settle(hook, order)
 
@@ -311,6 +325,17 @@ class Ledger:
         self.dirty_webhooks.add(hook.key)
         return hook.response
 
+    def _settle_never_created(self, order_id: str) -> None:
+        """Webhooks waiting for an order that can no longer be created: ignored, and a
+        payment among them is due back (``flashsale refunds``)."""
+        for hook in self.webhooks.values():
+            if hook.order_id == order_id and hook.outcome == "pending":
+                hook.outcome, hook.applied_at = "ignored", self.now
+                hook.refund_due = hook.status == "paid"
+                hook.response = Result(200, {"idempotency_key": hook.key,
+                                             "order_id": order_id, "outcome": "ignored"})
+                self.dirty_webhooks.add(hook.key)
+
     def _apply_pending_webhooks(self, order: OrderState) -> None:
         pending = [h for h in self.webhooks.values()
                    if h.order_id == order.id and h.outcome == "pending"]
@@ -318,10 +343,19 @@ class Ledger:
             self._settle(hook, order)
 
     def _op_retry_webhooks(self, req: Request) -> Result:
-        """Settle webhooks stored before their order existed."""
+        """Settle webhooks stored before their order existed, and those whose order can
+        no longer be created (its hold ended unconverted, or nothing was ever heard of
+        it long after the webhook)."""
         pending = sum(1 for h in self.webhooks.values() if h.outcome == "pending")
         for order in list(self.orders.values()):
             self._apply_pending_webhooks(order)
+        for hook in [h for h in self.webhooks.values() if h.outcome == "pending"]:
+            hold = self.holds.get(hold_id_for(hook.order_id))
+            if hold is not None and hold.status != HoldStatus.CONVERTED:
+                if not hold.is_active(self.now):
+                    self._settle_never_created(hook.order_id)
+            elif hold is None and self.policy.orphaned(hook.received_at, self.now):
+                self._settle_never_created(hook.order_id)
         left = sum(1 for h in self.webhooks.values() if h.outcome == "pending")
         return Result(200, {"applied": pending - left})
 
@@ -330,7 +364,12 @@ class Ledger:
     def _op_restock(self, req: Request) -> Result:
         if self.product is None:
             return Result(404, not_found("Product", req.args.get("product_id")))
-        self.product.stock += int(req.args["qty"])
+        qty = int(req.args["qty"])
+        if self.product.stock + qty > MAX_STOCK:
+            return Result(409, problem(
+                409, STOCK_LIMIT, f"Stock would be {self.product.stock + qty}; at most "
+                f"{MAX_STOCK} units can be in stock", slug="stock-limit", limit=MAX_STOCK))
+        self.product.stock += qty
         self.product_dirty = True
         return Result(200, self.product.view())
 
@@ -340,6 +379,7 @@ class Ledger:
         for hold in self.holds.values():
             if hold.status == HoldStatus.ACTIVE and self.now >= hold.expires_at:
                 self._expire_hold(hold)
+                self._settle_never_created(order_id_for(hold.id))
                 holds += 1
         for order in self.orders.values():
             if order.status == OrderStatus.PENDING_PAYMENT and self.now >= order.pay_by:

@@ -15,6 +15,7 @@ from redis.exceptions import NoScriptError
 from rq import Queue, get_current_job
 
 from flashsale.config import Settings
+from flashsale.problems import problem
 from workers import keys
 from workers.apply import Outcome, apply_batch
 from workers.decide import Policy, Request, Result
@@ -25,6 +26,7 @@ from workers.protocol import (
     RETIRE,
     TAKE,
     Envelope,
+    adds_units,
     finish_args,
     product_fields,
     take_keys,
@@ -110,12 +112,16 @@ class Drainer:
         self.product_id = product_id
         self.config = config
         self.token = secrets.token_hex(8)
-        self.policy = Policy(hold_ttl_ms=config.hold_ttl_seconds * 1000,
-                             order_ttl_ms=config.order_payment_ttl_seconds * 1000)
+        self.policy = self.policy_of(config)
         self.others_waiting = 0  # products on the ready list, seen after the last batch
         self._take = conn.register_script(TAKE)
         self._finish = conn.register_script(FINISH)
         self._release = conn.register_script(RELEASE)
+
+    @staticmethod
+    def policy_of(config: Settings) -> Policy:
+        return Policy(hold_ttl_ms=config.hold_ttl_seconds * 1000,
+                      order_ttl_ms=config.order_payment_ttl_seconds * 1000)
 
     def run(self, deadline: float | None = None, share: bool = False) -> int:
         """Drain until the queue is empty. Past ``deadline``, or with ``share`` when other
@@ -135,7 +141,7 @@ class Drainer:
                 first = False
                 if not raw:
                     return applied  # queue empty: the script released lease and wake
-                applied += self.step([Envelope.decode(item) for item in raw])
+                applied += self.step(raw)
                 if (share and self.others_waiting) or (
                         deadline is not None and time.monotonic() >= deadline):
                     self.hand_back()
@@ -153,12 +159,18 @@ class Drainer:
         if isinstance(pipe.execute(raise_on_error=False)[0], NoScriptError):
             self._release(keys=release_keys, args=[self.token])
 
-    def step(self, batch: list[Envelope]) -> int:
+    def step(self, raw: list[bytes]) -> int:
         """Apply one batch in one transaction, then answer it: one round trip to Redis
         for the results, the replies, the cache and the counters."""
         started = time.perf_counter()
-        requests = [Request(id=e.id, op=e.op, args=e.args, idem=e.idem) for e in batch]
+        batch, unreadable = _decode(raw)
+        requests, seen = [], set()
+        for env in batch:  # a request id is applied once, even if queued twice
+            if env.id not in seen:
+                seen.add(env.id)
+                requests.append(Request(id=env.id, op=env.op, args=env.args, idem=env.idem))
         outcome = apply_batch(self.product_id, requests, self.policy)
+        outcome.results.update(unreadable)
         committed = time.perf_counter()
         finish_keys, finish_argv = self.answer(batch, outcome)
         pipe = self.conn.pipeline(transaction=False)
@@ -189,7 +201,10 @@ class Drainer:
                 replies[env.reply].append([env.id, result.as_dict()])
         for job_id, result in outcome.revised.items():
             results[job_id] = orjson.dumps(result.as_dict())
+        for job_id in outcome.results.keys() - results.keys():  # unreadable envelopes
+            results[job_id] = orjson.dumps(outcome.results[job_id].as_dict())
         admitted = sum(int(e.args.get("qty", 0)) for e in batch if e.op == "hold")
+        adders = sum(1 for e in batch if adds_units(e.op, e.args))
         fields = product_fields(outcome.product) if outcome.product else {}
         delete = [keys.control(self.product_id, e.op) for e in batch if e.op in CONTROL_OPS]
         return ([keys.inflight(self.product_id), keys.lease(self.product_id),
@@ -197,7 +212,7 @@ class Drainer:
                 finish_args(self.token, self.config.lease_ms, self.config.job_cache_seconds,
                             self.product_id, admitted, fields, results,
                             {ch: orjson.dumps(r) for ch, r in replies.items()},
-                            sorted(set(delete))))
+                            sorted(set(delete)), adders))
 
     def count(self, pipe: Any, batch: list[Envelope], outcome: Outcome,
               apply_s: float) -> tuple[int, int]:
@@ -210,6 +225,8 @@ class Drainer:
         pipe.hincrby(keys.BATCH_STATS, "holds_granted", granted)
         pipe.hincrby(keys.BATCH_STATS, "holds_refused_worker", refused)
         pipe.hincrbyfloat(keys.BATCH_STATS, "apply_seconds", apply_s)
+        if outcome.dead:
+            pipe.incrby(keys.DEAD_LETTERS, len(outcome.dead))
         return granted, refused
 
 
@@ -221,6 +238,23 @@ def _bucket(size: int) -> str:
         if size <= bound:
             return str(bound)
     return "inf"
+
+
+def _decode(raw: list[bytes]) -> tuple[list[Envelope], dict[str, Result]]:
+    """The batch's envelopes, and an answer for each that cannot be read (only a bug or
+    a hand-made queue entry could put one there; it must not stop the queue)."""
+    batch: list[Envelope] = []
+    unreadable: dict[str, Result] = {}
+    for item in raw:
+        try:
+            batch.append(Envelope.decode(item))
+        except Exception as exc:
+            job_id = item.partition(b" ")[0].decode(errors="replace")
+            log.error("unreadable envelope %r dropped: %r", item[:200], exc)
+            if keys.parse_partition(job_id, "job") is not None:
+                unreadable[job_id] = Result(500, problem(
+                    500, detail="The request could not be read", slug="set-aside"))
+    return batch, unreadable
 
 
 def _status(outcome: Outcome, job_id: str) -> int:

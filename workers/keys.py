@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import secrets
 
+from flashsale.limits import parse_id
+
 CATALOG = 0
 PREFIX = "fs"
 
@@ -68,6 +70,7 @@ def reply_channel(gateway_id: str) -> str:
 
 
 BATCH_STATS = f"{PREFIX}:stats:batches"
+DEAD_LETTERS = f"{PREFIX}:stats:dead_letters"  # requests set aside, over all workers
 # Product ids waiting for a drainer, oldest first. Drain jobs take from it until it is
 # empty, so one rq job serves many products (see workers.drain).
 READY = f"{PREFIX}:ready"
@@ -88,18 +91,19 @@ def new_id(kind: str, product_id: int) -> str:
 
 
 def parse_partition(value: str, kind: str) -> int | None:
-    """The product id inside an id of ``kind``, or None when it is not one of ours."""
-    parts = value.split("_")
-    if len(parts) != 3 or parts[0] != kind or not parts[1].isdigit():
-        return None
-    if len(parts[2]) != 16 or not all(c in "0123456789abcdef" for c in parts[2]):
-        return None
-    return int(parts[1])
+    """The product id inside an id of ``kind``, or None when the service cannot have
+    issued it (see flashsale.limits.parse_id)."""
+    return parse_id(value, kind)
 
 
 def order_id_for(hold_id: str) -> str:
     """A hold has at most one order, ever: its id follows from the hold's."""
     return "ord" + hold_id[len("hold"):]
+
+
+def hold_id_for(order_id: str) -> str:
+    """The hold an order id was made from (see order_id_for)."""
+    return "hold" + order_id[len("ord"):] if order_id.startswith("ord_") else ""
 
 
 def partition_of(job_id: str) -> int:

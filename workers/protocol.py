@@ -21,21 +21,41 @@ from workers import keys
 QUEUED, PROCESSING = "queued", "processing"
 
 # push: KEYS queue, product, wake, job
-#       ARGV envelope, qty (0: no admission), job ttl s, wake ttl ms
+#       ARGV envelope, qty (0: no admission), job ttl s, wake ttl ms, flags,
+#            answer when the product does not exist, answer when sold out (keyed only)
+# flags: 'k' keyed (an Idempotency-Key: queued at most once per job id while its job key
+#        lives, and an answer decided here is stored as the job's result, atomically with
+#        the decision, so that a duplicate replays it), 'p' the product must exist,
+#        'a' may add units (restock, failed payment, expiry): holds queued behind it are
+#        not refused here, since it may make them possible.
 # -> {0} queued | {1} queued, enqueue a drain job | {2, available} sold out
-#    {3} product not cached | {4} no such product
+#    {3} product not cached | {4} no such product | {5} this job id is queued already
 PUSH = """
+local flags = ARGV[5]
+local keyed = string.find(flags, 'k', 1, true)
+if keyed and redis.call('EXISTS', KEYS[4]) == 1 then return {5} end
 local qty = tonumber(ARGV[2])
-if qty > 0 then
-  local h = redis.call('HMGET', KEYS[2], 'available', 'queued', 'missing')
-  if h[3] then return {4} end
-  if not h[1] then return {3} end
-  local left = tonumber(h[1]) - tonumber(h[2] or '0')
-  if left < qty then
-    if left < 0 then left = 0 end
-    return {2, left}
+if qty > 0 or string.find(flags, 'p', 1, true) then
+  local h = redis.call('HMGET', KEYS[2], 'available', 'queued', 'missing', 'adders')
+  if h[3] then
+    if keyed then redis.call('SET', KEYS[4], ARGV[6], 'EX', ARGV[3]) end
+    return {4}
   end
-  redis.call('HINCRBY', KEYS[2], 'queued', qty)
+  if not h[1] then return {3} end
+  if qty > 0 then
+    local left = tonumber(h[1]) - tonumber(h[2] or '0')
+    if left < qty and tonumber(h[4] or '0') <= 0 then
+      if left < 0 then left = 0 end
+      if keyed then
+        redis.call('SET', KEYS[4], string.gsub(ARGV[7], '__AVAILABLE__', left), 'EX', ARGV[3])
+      end
+      return {2, left}
+    end
+    redis.call('HINCRBY', KEYS[2], 'queued', qty)
+  end
+end
+if string.find(flags, 'a', 1, true) and redis.call('EXISTS', KEYS[2]) == 1 then
+  redis.call('HINCRBY', KEYS[2], 'adders', 1)
 end
 redis.call('RPUSH', KEYS[1], ARGV[1])
 redis.call('SET', KEYS[4], 'queued', 'EX', ARGV[3])
@@ -60,7 +80,9 @@ if #items == 0 then
   items = redis.call('LPOP', KEYS[1], ARGV[2])
   if not items then
     redis.call('DEL', KEYS[4], KEYS[3])
-    if redis.call('EXISTS', KEYS[5]) == 1 then redis.call('HSET', KEYS[5], 'queued', 0) end
+    if redis.call('EXISTS', KEYS[5]) == 1 then
+      redis.call('HSET', KEYS[5], 'queued', 0, 'adders', 0)
+    end
     return {}
   end
   redis.call('RPUSH', KEYS[2], unpack(items))
@@ -74,22 +96,26 @@ return items
 
 # finish: KEYS inflight, lease, product
 #         ARGV token, lease ms, result ttl s, job key prefix, admitted units to release,
-#              n product fields, n results, n replies, n keys to delete, then the lists
+#              n product fields, n results, n replies, n keys to delete,
+#              envelopes that may add units (see push), then the lists
 # -> 1, or 0 when the lease was lost (the next drainer replays the committed batch)
 FINISH = """
 if redis.call('GET', KEYS[2]) ~= ARGV[1] then return 0 end
 redis.call('PEXPIRE', KEYS[2], ARGV[2])
 redis.call('DEL', KEYS[1])
-local i = 10
+local i = 11
 local nfields, nresults = tonumber(ARGV[6]), tonumber(ARGV[7])
 local nreplies, ndel = tonumber(ARGV[8]), tonumber(ARGV[9])
 if nfields > 0 then
   local fields = {}
   for j = 0, 2 * nfields - 1 do fields[#fields + 1] = ARGV[i + j] end
   redis.call('HSET', KEYS[3], unpack(fields))
-  local release = tonumber(ARGV[5])
+  local release, adders = tonumber(ARGV[5]), tonumber(ARGV[10])
   if release > 0 and redis.call('HINCRBY', KEYS[3], 'queued', 0 - release) < 0 then
     redis.call('HSET', KEYS[3], 'queued', 0)
+  end
+  if adders > 0 and redis.call('HINCRBY', KEYS[3], 'adders', 0 - adders) < 0 then
+    redis.call('HSET', KEYS[3], 'adders', 0)
   end
   i = i + 2 * nfields
 end
@@ -108,12 +134,17 @@ end
 return 1
 """
 
-# fill: KEYS product; ARGV field/value pairs. Sets the cache only when absent, so a
-# gateway's database read never overwrites a newer value written by a drainer.
+# fill: KEYS product, queue, inflight; ARGV field/value pairs. Sets the cache only when
+# absent, so a gateway's database read never overwrites a newer value written by a
+# drainer. Requests already queued may add units that the database does not show yet:
+# then holds are not refused early until the drainer has been through them.
 FILL = """
 if redis.call('HEXISTS', KEYS[1], 'stock') == 1 then return 0 end
-redis.call('DEL', KEYS[1])
+redis.call('HDEL', KEYS[1], 'missing')
 redis.call('HSET', KEYS[1], unpack(ARGV))
+if redis.call('LLEN', KEYS[2]) + redis.call('LLEN', KEYS[3]) > 0 then
+  redis.call('HSET', KEYS[1], 'adders', 1)
+end
 return 1
 """
 
@@ -178,6 +209,30 @@ class Envelope:
                    idem=(idem[0], idem[1]) if idem else None, reply=body.get("reply"))
 
 
+# Flags of PUSH.
+KEYED, MUST_EXIST, ADDS_UNITS = "k", "p", "a"
+
+
+def adds_units(op: str, args: dict[str, Any]) -> bool:
+    """Whether a request may make units available: holds queued behind it are not
+    refused before it is applied (API.md: holds are granted in queue order)."""
+    return op in ("restock", "expire", "retry_webhooks") or (
+        op == "webhook" and args.get("status") == "failed")
+
+
+def push_args(envelope: Envelope, qty: int, job_ttl: int, wake_ttl_ms: int, flags: str = "",
+              missing: bytes = b"", sold_out: bytes = b"") -> list[Any]:
+    """ARGV of PUSH. ``missing`` and ``sold_out`` are the stored answers of a keyed
+    request decided at once; ``sold_out`` holds ``__AVAILABLE__`` for the count."""
+    if adds_units(envelope.op, envelope.args):
+        flags += ADDS_UNITS
+    return [envelope.encode(), qty, job_ttl, wake_ttl_ms, flags, missing, sold_out]
+
+
+def fill_keys(product_id: int) -> list[str]:
+    return [keys.product(product_id), keys.queue(product_id), keys.inflight(product_id)]
+
+
 def push_keys(product_id: int, job_id: str) -> list[str]:
     return [keys.queue(product_id), keys.product(product_id), keys.wake(product_id),
             keys.job(job_id)]
@@ -190,9 +245,9 @@ def take_keys(product_id: int) -> list[str]:
 
 def finish_args(token: str, lease_ms: int, result_ttl: int, product_id: int, release: int,
                 fields: dict[str, Any], results: dict[str, bytes],
-                replies: dict[str, bytes], delete: list[str]) -> list[Any]:
+                replies: dict[str, bytes], delete: list[str], adders: int = 0) -> list[Any]:
     args: list[Any] = [token, lease_ms, result_ttl, keys.job_prefix(product_id), release,
-                       len(fields), len(results), len(replies), len(delete)]
+                       len(fields), len(results), len(replies), len(delete), adders]
     for name, value in fields.items():
         args += [name, value]
     for job_id, result in results.items():

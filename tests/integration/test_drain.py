@@ -17,7 +17,7 @@ from workers.apply import apply_batch
 from workers.client import push
 from workers.decide import Policy, Request
 from workers.drain import Drainer
-from workers.protocol import FILL, TAKE, Envelope, product_fields, take_keys
+from workers.protocol import FILL, TAKE, Envelope, fill_keys, product_fields, take_keys
 
 pytestmark = pytest.mark.integration
 
@@ -39,7 +39,7 @@ def fill_cache(conn: redis.Redis, pid: int) -> None:
     flat: list[Any] = []
     for name, value in product_fields(view).items():
         flat += [name, value]
-    conn.register_script(FILL)(keys=[keys.product(pid)], args=flat)
+    conn.register_script(FILL)(keys=fill_keys(pid), args=flat)
 
 
 def push_holds(conn: redis.Redis, pid: int, qtys: list[int], admit: bool = True,

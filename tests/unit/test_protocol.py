@@ -17,7 +17,9 @@ from workers.protocol import (
     RELEASE,
     TAKE,
     Envelope,
+    fill_keys,
     finish_args,
+    push_args,
     push_keys,
     take_keys,
 )
@@ -50,9 +52,11 @@ def cache_product(r: fakeredis.FakeRedis, available: int, queued: int = 0) -> No
                                        "queued": queued})
 
 
-def push(r: fakeredis.FakeRedis, env: Envelope, qty: int = 0) -> list[int]:
+def push(r: fakeredis.FakeRedis, env: Envelope, qty: int = 0, flags: str = "",
+         missing: bytes = b"", sold_out: bytes = b"") -> list[int]:
     code = r.register_script(PUSH)(keys=push_keys(PID, env.id),
-                                   args=[env.encode(), qty, JOB_TTL, WAKE_MS])
+                                   args=push_args(env, qty, JOB_TTL, WAKE_MS, flags, missing,
+                                                  sold_out))
     return [int(c) for c in code]
 
 
@@ -63,9 +67,10 @@ def take(r: fakeredis.FakeRedis, n: int = 10, token: str = TOKEN) -> list[bytes]
 
 def finish(r: fakeredis.FakeRedis, token: str = TOKEN, release: int = 0,
            fields: dict[str, Any] | None = None, results: dict[str, bytes] | None = None,
-           replies: dict[str, bytes] | None = None, delete: list[str] | None = None) -> int:
+           replies: dict[str, bytes] | None = None, delete: list[str] | None = None,
+           adders: int = 0) -> int:
     args = finish_args(token, LEASE_MS, JOB_TTL, PID, release, fields or {}, results or {},
-                       replies or {}, delete or [])
+                       replies or {}, delete or [], adders)
     return int(r.register_script(FINISH)(
         keys=[keys.inflight(PID), keys.lease(PID), keys.product(PID)], args=args))
 
@@ -145,6 +150,73 @@ def test_push_reports_an_uncached_product(r: fakeredis.FakeRedis) -> None:
 
     assert r.llen(keys.queue(PID)) == 0
     assert r.exists(keys.job(job_id(1)), keys.wake(PID)) == 0
+
+
+def restock(n: int, qty: int = 5) -> Envelope:
+    return Envelope(id=job_id(n), op="restock", args={"product_id": PID, "qty": qty})
+
+
+def test_a_keyed_job_id_is_queued_and_charged_once(r: fakeredis.FakeRedis) -> None:
+    # Two gateways push the same Idempotency-Key's job: one envelope, one admission charge.
+    cache_product(r, available=5)
+
+    assert push(r, envelope(1, qty=2), qty=2, flags="k") == [1]
+    assert push(r, envelope(1, qty=2), qty=2, flags="k") == [5]
+
+    assert r.llen(keys.queue(PID)) == 1
+    assert field(r, "queued") == b"2"
+
+
+def test_a_keyed_refusal_is_stored_with_the_decision(r: fakeredis.FakeRedis) -> None:
+    cache_product(r, available=1)
+    template = b'{"status":409,"body":{"available":__AVAILABLE__}}'
+
+    assert push(r, envelope(1, qty=2), qty=2, flags="k", sold_out=template) == [2, 1]
+
+    assert r.get(keys.job(job_id(1))) == b'{"status":409,"body":{"available":1}}'
+    assert push(r, envelope(1, qty=2), qty=2, flags="k", sold_out=template) == [5]
+
+
+def test_a_keyed_request_for_a_missing_product_stores_its_404(r: fakeredis.FakeRedis) -> None:
+    r.hset(keys.product(PID), "missing", 1)
+
+    assert push(r, envelope(1), qty=0, flags="kp", missing=b'{"status":404}') == [4]
+
+    assert r.get(keys.job(job_id(1))) == b'{"status":404}'
+
+
+def test_an_order_for_a_missing_product_is_not_queued(r: fakeredis.FakeRedis) -> None:
+    r.hset(keys.product(PID), "missing", 1)
+
+    assert push(r, envelope(1), qty=0, flags="p") == [4]
+    assert push(r, envelope(2), qty=0) == [1]  # without the flag, no check
+
+    assert r.llen(keys.queue(PID)) == 1
+
+
+def test_a_queued_restock_keeps_later_holds_from_early_refusal(r: fakeredis.FakeRedis) -> None:
+    # API.md: hold 2 (granted), hold 2 (refused), restock 5 (queued), hold 2 -> queued,
+    # since the restock before it may make it possible.
+    cache_product(r, available=2)
+    assert push(r, envelope(1, qty=2), qty=2) == [1]
+    assert push(r, envelope(2, qty=2), qty=2) == [2, 0]
+    assert push(r, restock(3)) == [0]
+
+    assert push(r, envelope(4, qty=2), qty=2) == [0]
+    assert field(r, "adders") == b"1"
+
+
+def test_finish_and_an_empty_queue_clear_what_may_add_units(r: fakeredis.FakeRedis) -> None:
+    cache_product(r, available=0)
+    push(r, restock(1))
+    push(r, restock(2))
+    r.set(keys.lease(PID), TOKEN)
+    assert take(r) == [restock(1).encode(), restock(2).encode()]
+
+    assert finish(r, fields={"stock": 10, "available": 10}, adders=1) == 1
+    assert field(r, "adders") == b"1"
+    assert take(r) == []
+    assert field(r, "adders") == b"0"
 
 
 def test_push_reports_a_product_known_to_be_missing(r: fakeredis.FakeRedis) -> None:
@@ -302,10 +374,18 @@ def test_fill_sets_the_cache_only_when_absent(r: fakeredis.FakeRedis) -> None:
     fill = r.register_script(FILL)
     r.hset(keys.product(PID), "missing", 1)  # a stale "no such product" marker
 
-    assert fill(keys=[keys.product(PID)], args=["stock", 5, "available", 5]) == 1
-    assert fill(keys=[keys.product(PID)], args=["stock", 1, "available", 0]) == 0
+    assert fill(keys=fill_keys(PID), args=["stock", 5, "available", 5]) == 1
+    assert fill(keys=fill_keys(PID), args=["stock", 1, "available", 0]) == 0
 
     assert r.hgetall(keys.product(PID)) == {b"stock": b"5", b"available": b"5"}
+
+
+def test_fill_behind_queued_requests_refuses_no_hold_early(r: fakeredis.FakeRedis) -> None:
+    # A restock may wait in the queue: the database's figure does not show it yet.
+    r.rpush(keys.queue(PID), b"job_0 {}")
+    r.register_script(FILL)(keys=fill_keys(PID), args=["stock", 0, "available", 0])
+
+    assert push(r, envelope(1, qty=1), qty=1) == [1]
 
 
 def test_release_deletes_only_our_own_lease(r: fakeredis.FakeRedis) -> None:

@@ -34,8 +34,9 @@ def test_a_valid_hold_loads() -> None:
     ({"product_id": 1, "qty": "2"}, "qty"),
     ({"product_id": 1, "qty": True}, "qty"),
     ({"product_id": True, "qty": 1}, "product_id"),
-    ({"product_id": 1, "qty": 2.0}, "qty"),
     ({"product_id": 1, "qty": 2.5}, "qty"),
+    ({"product_id": 1, "qty": 1e300}, "qty"),
+    ({"product_id": 2**31, "qty": 1}, "product_id"),
     ({"product_id": 1, "qty": None}, "qty"),
     ({"product_id": 1, "qty": [2]}, "qty"),
     ({"product_id": 0, "qty": 1}, "product_id"),
@@ -47,6 +48,34 @@ def test_a_valid_hold_loads() -> None:
 ], ids=lambda v: repr(v) if isinstance(v, dict) else v)
 def test_an_invalid_hold_names_the_offending_field(body: dict[str, Any], bad: str) -> None:
     assert list(errors(schemas.hold_schema(MAX_QTY), body)) == [bad]
+
+
+def test_an_integral_number_is_an_integer_as_json_schema_says() -> None:
+    # The OpenAPI document says "integer": 2.0 and 2e0 are that integer, 2.5 is not.
+    assert schemas.load(schemas.hold_schema(MAX_QTY), {"product_id": 1e0, "qty": 2.0}) == \
+        {"product_id": 1, "qty": 2}
+
+
+@pytest.mark.parametrize("currency",
+                         ["USD\n", "usd", "US", "USDX", "\uff35\uff33\uff24", "U\u0000D"])
+def test_currency_is_exactly_three_capital_ascii_letters(currency: str) -> None:
+    body = {"name": "x", "price_cents": 1, "currency": currency, "stock": 1}
+    assert list(errors(schemas.ProductRequest(), body)) == ["currency"]
+
+
+@pytest.mark.parametrize(("field", "value"), [
+    ("price_cents", 10**9 + 1), ("price_cents", 2**63), ("stock", 10**9 + 1),
+    ("name", "a\nb"), ("name", "x" * 201), ("name", "\u0085"),
+])
+def test_product_bounds_keep_derived_values_in_range(field: str, value: Any) -> None:
+    body = {"name": "x", "price_cents": 1, "currency": "USD", "stock": 1, field: value}
+    assert list(errors(schemas.ProductRequest(), body)) == [field]
+
+
+@pytest.mark.parametrize("value", ["k\u00e9y", "a\nb", "\udcff", ""])
+def test_webhook_keys_are_printable_ascii(value: str) -> None:
+    body = {"idempotency_key": value, "order_id": "ord_1_0123456789abcdef", "status": "paid"}
+    assert list(errors(schemas.WebhookRequest(), body)) == ["idempotency_key"]
 
 
 def test_qty_bound_comes_from_configuration_per_schema() -> None:
