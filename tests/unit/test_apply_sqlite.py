@@ -182,3 +182,59 @@ def test_expire_releases_what_time_has_expired() -> None:
     assert Hold.get_by_id("h-old").status == HoldStatus.EXPIRED
     assert Hold.get_by_id("h-new").status == HoldStatus.ACTIVE
     assert counters(pid) == (10, 2)
+
+
+# --- a request the writer cannot apply --------------------------------------------------
+
+def test_a_request_that_raises_is_set_aside_and_the_rest_applied(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from workers.decide import Ledger
+
+    pid = make_product(stock=10)
+    real = Ledger._op_hold
+
+    def buggy(self: Ledger, req: Request) -> Any:
+        if req.args["qty"] == 3:
+            raise KeyError("a bug that only this request meets")
+        return real(self, req)
+
+    monkeypatch.setattr(Ledger, "_op_hold", buggy)
+    batch = [hold(pid, 1), hold(pid, 3), hold(pid, 2)]
+
+    outcome = apply_batch(pid, batch, POLICY)
+
+    assert [outcome.results[r.id].status for r in batch] == [201, 500, 201]
+    assert counters(pid) == (10, 3)
+    assert [d.request.id for d in outcome.dead] == [batch[1].id]
+    dead = models.DeadLetter.get(models.DeadLetter.request_id == batch[1].id)
+    assert "KeyError" in dead.error and dead.status_code == 500
+    # Its answer is committed: applying the envelope again replays it, changes nothing.
+    again = apply_batch(pid, [batch[1]], POLICY)
+    assert again.results[batch[1].id].status == 500 and counters(pid) == (10, 3)
+
+
+def test_an_unreachable_database_keeps_the_whole_batch_for_later(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import peewee
+
+    from workers.decide import Ledger
+
+    pid = make_product(stock=10)
+
+    def down(self: Ledger, req: Request) -> Any:
+        raise peewee.OperationalError(2013, "Lost connection to MySQL server during query")
+
+    monkeypatch.setattr(Ledger, "_op_hold", down)
+
+    with pytest.raises(peewee.OperationalError):
+        apply_batch(pid, [hold(pid, 1), hold(pid, 2)], POLICY)
+    assert counters(pid) == (10, 0)
+    assert models.DeadLetter.select().count() == 0
+
+
+def test_the_catalog_partition_applies_under_its_own_lock_row() -> None:
+    outcome = apply_batch(keys.CATALOG, [webhook(keys.CATALOG, "evt-x", "not-ours")], POLICY)
+
+    assert [r.status for r in outcome.results.values()] == [202]

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from flashsale.clock import rfc3339
+from flashsale.limits import MAX_STOCK
 from flashsale.problems import HOLD_EXPIRED, IDEMPOTENCY_REUSED, INSUFFICIENT_STOCK
 from models.tables import HoldStatus, OrderStatus
 from workers.decide import (
@@ -501,3 +502,95 @@ def test_a_refused_hold_is_remembered_under_its_idempotency_key() -> None:
     assert answers["r3"] == answers["r1"]
     assert lg.new_idempotency == {"holds:k1": ("fp", "r1")}
     assert [h.request_id for h in lg.new_holds] == ["r2"]
+
+
+# --- payments for orders that can never be created -------------------------------------
+
+HOLD_ID, ORDER_ID = "hold_1_0123456789abcdef", "ord_1_0123456789abcdef"
+
+
+def pending_paid(received_at: int = NOW - 500, order_id: str = ORDER_ID) -> WebhookState:
+    return WebhookState(key="evt9", order_id=order_id, product_id=PID, status="paid",
+                        fingerprint="fp", request_id="w9", received_at=received_at,
+                        response=Result(202, {"outcome": "pending"}))
+
+
+def test_an_order_refused_for_an_expired_hold_settles_its_early_payment_for_refund() -> None:
+    expired = stored_hold(HOLD_ID, 2, created_at=NOW - HOLD_TTL - 1)
+    hook = pending_paid()
+    lg = ledger(product(stock=10, reserved=2), holds={HOLD_ID: expired},
+                webhooks={"evt9": hook})
+
+    answers = lg.apply([order_req("r1", HOLD_ID, order_id=ORDER_ID)])
+
+    assert answers["r1"].status == 409
+    assert (hook.outcome, hook.refund_due) == ("ignored", True)
+    assert lg.revised_results() == {"w9": Result(200, {
+        "idempotency_key": "evt9", "order_id": ORDER_ID, "outcome": "ignored"})}
+    assert counters(lg) == (10, 0)
+
+
+def test_expiry_of_a_hold_settles_payments_waiting_for_its_order() -> None:
+    lg = ledger(product(stock=10, reserved=2),
+                holds={HOLD_ID: stored_hold(HOLD_ID, 2, created_at=NOW - HOLD_TTL - 1)},
+                webhooks={"evt9": pending_paid()})
+
+    lg.apply([Request(id="x1", op="expire", args={})])
+
+    assert lg.webhooks["evt9"].refund_due and lg.webhooks["evt9"].outcome == "ignored"
+
+
+def test_a_payment_arriving_after_its_hold_expired_is_settled_at_once() -> None:
+    lg = ledger(product(stock=10, reserved=2),
+                holds={HOLD_ID: stored_hold(HOLD_ID, 2, created_at=NOW - HOLD_TTL - 1)})
+
+    answer = lg.apply([webhook_req("w1", "evt1", ORDER_ID)])["w1"]
+
+    assert answer == Result(200, {"idempotency_key": "evt1", "order_id": ORDER_ID,
+                                  "outcome": "ignored"})
+    assert lg.new_webhooks[0].refund_due
+
+
+def test_a_failed_payment_for_an_order_never_created_is_due_no_refund() -> None:
+    lg = ledger(product(stock=10, reserved=2),
+                holds={HOLD_ID: stored_hold(HOLD_ID, 2, created_at=NOW - HOLD_TTL - 1)})
+
+    lg.apply([webhook_req("w1", "evt1", ORDER_ID, status="failed")])
+
+    assert lg.new_webhooks[0].outcome == "ignored" and not lg.new_webhooks[0].refund_due
+
+
+def test_retry_settles_a_payment_for_an_unknown_order_only_after_the_grace() -> None:
+    young = pending_paid(received_at=NOW - HOLD_TTL)
+    old = WebhookState(key="evt8", order_id="ord_1_ffffffffffffffff", product_id=PID,
+                       status="paid", fingerprint="fp", request_id="w8",
+                       received_at=NOW - HOLD_TTL - POLICY.orphan_grace_ms - 1)
+    lg = ledger(product(), webhooks={"evt9": young, "evt8": old})
+
+    lg.apply([Request(id="x1", op="retry_webhooks", args={})])
+
+    assert young.outcome == "pending"
+    assert (old.outcome, old.refund_due) == ("ignored", True)
+
+
+def test_retry_leaves_a_payment_whose_hold_is_still_active() -> None:
+    hook = pending_paid()
+    lg = ledger(product(stock=10, reserved=2), holds={HOLD_ID: stored_hold(HOLD_ID, 2)},
+                webhooks={"evt9": hook})
+
+    lg.apply([Request(id="x1", op="retry_webhooks", args={})])
+
+    assert hook.outcome == "pending"
+
+
+# --- bounds -----------------------------------------------------------------------------
+
+def test_a_restock_past_the_stock_limit_is_refused_and_changes_nothing() -> None:
+    lg = ledger(product(stock=MAX_STOCK - 3))
+
+    answers = lg.apply([Request(id="r1", op="restock", args={"product_id": PID, "qty": 4}),
+                        Request(id="r2", op="restock", args={"product_id": PID, "qty": 3})])
+
+    assert answers["r1"].status == 409 and answers["r1"].body["limit"] == MAX_STOCK
+    assert answers["r2"].status == 200
+    assert counters(lg) == (MAX_STOCK, 0)
