@@ -6,7 +6,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from flashsale.limits import MAX_QTY_PER_HOLD_LIMIT
+from flashsale.limits import MAX_QTY_PER_HOLD_LIMIT, MAX_STOCK
 
 DEFAULT_DATA_DIR = ".flashsale"
 
@@ -26,6 +26,13 @@ def _bounded(env: Mapping[str, str], name: str, default: int, low: int, high: in
     if not low <= value <= high:
         raise SystemExit(f"{name} must be between {low} and {high}, got {value}")
     return value
+
+
+def _optional(env: Mapping[str, str], name: str, high: int) -> int | None:
+    """A positive limit, or None when unset."""
+    if not env.get(name):
+        return None
+    return _bounded(env, name, 1, 1, high)
 
 
 def _seconds(env: Mapping[str, str], name: str, default: float) -> float:
@@ -55,6 +62,10 @@ class Settings:
     max_wait_seconds: float = 60.0
     webhook_secret: str | None = None
     admin_token: str | None = None
+    # Customers and fairness (API.md): unset means off.
+    customer_jwt_secret: str | None = None
+    max_qty_per_customer: int | None = None
+    rate_limit_per_minute: int | None = None
     batch_size: int = 200
     lease_ms: int = 5000
     # Idempotency keys and queued jobs live this long in Redis. Job results are
@@ -80,6 +91,9 @@ class Settings:
             default_wait_seconds=_seconds(env, "DEFAULT_WAIT_SECONDS", 5.0),
             webhook_secret=env.get("WEBHOOK_SECRET") or None,
             admin_token=env.get("ADMIN_TOKEN") or None,
+            customer_jwt_secret=env.get("CUSTOMER_JWT_SECRET") or None,
+            max_qty_per_customer=_optional(env, "MAX_QTY_PER_CUSTOMER", MAX_STOCK),
+            rate_limit_per_minute=_optional(env, "RATE_LIMIT_PER_MINUTE", 1_000_000),
             batch_size=min(max(_int(env, "BATCH_SIZE", 200), 1), 1000),
             lease_ms=_int(env, "DRAIN_LEASE_MS", 5000),
             job_cache_seconds=_int(env, "JOB_CACHE_SECONDS", 3600),

@@ -22,6 +22,7 @@ MAX_KEY_LENGTH = 255  # Idempotency-Key, webhook idempotency_key and order_id
 # Ids the service issues: "<kind>_<product id>_<16 hex digits>", the product id in ASCII
 # digits without leading zeros (job ids of the catalog partition use 0).
 PRODUCT_ID_PATTERN = r"^[1-9][0-9]{0,9}$"
+CUSTOMER_ID_PATTERN = r"^[\x21-\x7e]{1,64}$"  # a customer id: 1-64 visible ASCII characters
 ID_PATTERN = r"^(?:hold|ord|job)_(?:0|[1-9][0-9]{0,9})_[0-9a-f]{16}$"  # any kind
 ID_MAX_LENGTH = 32
 

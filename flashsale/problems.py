@@ -16,6 +16,7 @@ TITLES = {
     413: "Payload Too Large",
     415: "Unsupported Media Type",
     422: "Unprocessable Content",
+    429: "Too Many Requests",
     500: "Internal Server Error",
     503: "Service Unavailable",
 }
@@ -34,6 +35,7 @@ def problem(status: int, title: str | None = None, detail: str = "", slug: str |
 
 INSUFFICIENT_STOCK = "Insufficient stock"
 HOLD_EXPIRED = "Hold has expired"
+CUSTOMER_LIMIT = "Customer limit reached"
 STOCK_LIMIT = "Stock limit reached"
 IDEMPOTENCY_REUSED = "Idempotency-Key reused with a different request"
 
@@ -41,6 +43,12 @@ IDEMPOTENCY_REUSED = "Idempotency-Key reused with a different request"
 def insufficient_stock(available: int, qty: int) -> dict[str, Any]:
     return problem(409, INSUFFICIENT_STOCK,
                    f"{qty} unit(s) requested, {available} available", available=available)
+
+
+def customer_limit(limit: int, held: int, qty: int) -> dict[str, Any]:
+    return problem(409, CUSTOMER_LIMIT,
+                   f"{qty} unit(s) requested; this customer has {held} of at most {limit}",
+                   slug="customer-limit", limit=limit, held=held)
 
 
 def not_found(what: str, ident: object) -> dict[str, Any]:

@@ -15,6 +15,7 @@ from aiohttp import web
 from flashsale.limits import is_visible_ascii, parse_product_id
 from flashsale.problems import not_found, problem
 from gateway import schemas
+from gateway.customers import idempotency_scope, rate_limit, token_customer
 from gateway.errors import ProblemError
 from gateway.replies import job_status
 from gateway.submit import (
@@ -118,13 +119,22 @@ def _positive_int(raw: str, what: str) -> int:
 # --- holds ----------------------------------------------------------------------------
 
 async def create_hold(request: web.Request) -> web.Response:
+    settings = request.app[SETTINGS]
+    customer = token_customer(request)
     key = idempotency_key(request)
-    schema = schemas.hold_schema(request.app[SETTINGS].max_qty_per_hold)
+    no_tokens = settings.customer_jwt_secret is None
+    schema = schemas.hold_schema(settings.max_qty_per_hold, customer_in_body=no_tokens,
+                                 customer_required=no_tokens and
+                                 settings.max_qty_per_customer is not None)
     body = schemas.load(schema, await read_json(request))
+    customer = customer or body.get("customer_id")
+    await rate_limit(request, customer)
     product_id, qty = body["product_id"], body["qty"]
+    args = {**body, "hold_id": keys.new_id("hold", product_id)}
+    if customer is not None:
+        args["customer_id"] = customer
     write = Write(product_id=product_id, op="hold", resource="hold_id", admission_qty=qty,
-                  args={**body, "hold_id": keys.new_id("hold", product_id)},
-                  **keyed("holds", key, body))
+                  args=args, **keyed(idempotency_scope("holds", customer), key, body))
     return await queue_write(request, write, "/api/holds/{hold_id}")
 
 
@@ -135,15 +145,19 @@ async def get_hold(request: web.Request) -> web.Response:
 # --- orders ---------------------------------------------------------------------------
 
 async def create_order(request: web.Request) -> web.Response:
+    customer = token_customer(request)
     key = idempotency_key(request)
     body = schemas.load(schemas.OrderRequest(), await read_json(request))
+    await rate_limit(request, customer)
     product_id = keys.parse_partition(body["hold_id"], "hold")
     if product_id is None:
         raise ProblemError(not_found("Hold", body["hold_id"]))
+    args = {**body, "order_id": keys.order_id_for(body["hold_id"])}
+    if customer is not None:  # the drainer answers another customer's hold 404
+        args["customer_id"] = customer
     write = Write(product_id=product_id, op="order", resource="order_id", must_exist=True,
-                  unknown=not_found("Hold", body["hold_id"]),
-                  args={**body, "order_id": keys.order_id_for(body["hold_id"])},
-                  **keyed("orders", key, body))
+                  unknown=not_found("Hold", body["hold_id"]), args=args,
+                  **keyed(idempotency_scope("orders", customer), key, body))
     return await queue_write(request, write, "/api/orders/{order_id}")
 
 
@@ -167,12 +181,14 @@ def keyed(scope: str, key: str | None, body: dict[str, Any]) -> dict[str, Any]:
 
 async def _view(request: web.Request, param: str, kind: str, what: str,
                 reader: Any) -> web.Response:
-    """GET one hold or order from the database; 404 unless the id is ours and exists."""
+    """GET one hold or order from the database; 404 unless the id is ours and exists
+    (and, with customer tokens, is the caller's)."""
+    customer = token_customer(request)
     ident = request.match_info[param]
     view = None
     if keys.parse_partition(ident, kind) is not None:
         view = await in_executor(request, reader, ident)
-    if view is None:
+    if view is None or (customer is not None and view.get("customer_id") != customer):
         raise ProblemError(not_found(what, ident))
     return json_response(view)
 

@@ -9,6 +9,7 @@ from typing import Any
 from marshmallow import EXCLUDE, RAISE, Schema, ValidationError, fields, validate
 
 from flashsale.limits import (
+    CUSTOMER_ID_PATTERN,
     MAX_KEY_LENGTH,
     MAX_NAME_LENGTH,
     MAX_PRICE_CENTS,
@@ -75,11 +76,22 @@ class HoldRequest(Schema):
     qty = StrictInteger(required=True)  # upper bound is configuration: see hold_schema()
 
 
-@lru_cache(maxsize=8)
-def hold_schema(max_qty: int) -> HoldRequest:
-    """The hold schema with the configured ``qty`` bound (built once, reused)."""
-    schema = HoldRequest()
+class HoldWithCustomer(HoldRequest):
+    """Without customer tokens, the shop's back end may name the customer in the body."""
+
+    customer_id = StrictString(max_length=64, pattern=CUSTOMER_ID_PATTERN)
+
+
+@lru_cache(maxsize=16)
+def hold_schema(max_qty: int, customer_in_body: bool = False,
+                customer_required: bool = False) -> HoldRequest:
+    """The hold schema with the configured ``qty`` bound (built once, reused). With
+    ``customer_in_body`` it accepts ``customer_id`` (required with ``customer_required``:
+    a per-customer limit without tokens); otherwise that field is unknown (422)."""
+    schema = HoldWithCustomer() if customer_in_body else HoldRequest()
     schema.fields["qty"].validators = [validate.Range(min=1, max=max_qty)]
+    if customer_in_body:
+        schema.fields["customer_id"].required = customer_required
     return schema
 
 

@@ -7,6 +7,9 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from playhouse.migrate import SchemaMigrator
+from playhouse.migrate import migrate as migrate_schema
+
 from models.db import db, is_sqlite
 from models.tables import (
     DeadLetter,
@@ -46,11 +49,26 @@ def _v2_dead_letters_and_catalog_lock() -> None:
     PartitionLock.insert(id=0).on_conflict_ignore().execute()
 
 
+def _v3_customers() -> None:
+    """Holds and orders record their customer, indexed for the per-customer limit. (A
+    schema created by v1 of this code has them already.)"""
+    migrator = SchemaMigrator.from_database(db.obj)
+    for model in (Hold, Order):
+        table = model._meta.table_name
+        if "customer_id" not in {c.name for c in db.get_columns(table)}:
+            migrate_schema(migrator.add_column(table, "customer_id", model.customer_id))
+        index = f"{table}_product_id_customer_id_status"
+        if index not in {i.name for i in db.get_indexes(table)}:
+            migrate_schema(migrator.add_index(table, ("product_id", "customer_id", "status"),
+                                              False))
+
+
 # Append new steps; never edit an applied one. A step uses playhouse.migrate to add
 # columns or indexes so existing rows are kept.
 STEPS: list[tuple[int, Callable[[], None]]] = [
     (1, _v1_create_tables),
     (2, _v2_dead_letters_and_catalog_lock),
+    (3, _v3_customers),
 ]
 
 

@@ -56,10 +56,12 @@ class Hold(BaseModel):
     created_at = pw.BigIntegerField()
     expires_at = pw.BigIntegerField()
     request_id = pw.CharField(max_length=64, unique=True)
+    customer_id = pw.CharField(max_length=64, null=True)  # migration 3
 
     class Meta:
         table_name = "holds"
-        indexes = ((("status", "expires_at"), False), (("product", "status", "expires_at"), False))
+        indexes = ((("status", "expires_at"), False), (("product", "status", "expires_at"), False),
+                   (("product", "customer_id", "status"), False))
 
 
 class Order(BaseModel):
@@ -76,10 +78,12 @@ class Order(BaseModel):
     pay_by = pw.BigIntegerField()
     closed_at = pw.BigIntegerField(null=True)
     request_id = pw.CharField(max_length=64, unique=True)
+    customer_id = pw.CharField(max_length=64, null=True)  # migration 3
 
     class Meta:
         table_name = "orders"
-        indexes = ((("status", "pay_by"), False), (("product", "status", "pay_by"), False))
+        indexes = ((("status", "pay_by"), False), (("product", "status", "pay_by"), False),
+                   (("product", "customer_id", "status"), False))
 
 
 class Webhook(BaseModel):

@@ -209,6 +209,9 @@ def _load(ledger: Ledger, product_id: int, requests: list[Request]) -> None:
                        & (Webhook.outcome == "pending"))
     if product_id == keys.CATALOG:  # webhooks for orders of no product: nothing else
         return
+    if ledger.policy.max_qty_per_customer is not None:
+        _load_customer_units(ledger, product_id, {str(r.args["customer_id"]) for r in todo
+                                                  if r.op == "hold" and r.args.get("customer_id")})
     if hold_ids:
         _load_holds(ledger, (Hold.id.in_(list(hold_ids))) & (Hold.product == product_id))
         _load_orders(ledger, Order.hold.in_(list(hold_ids)))
@@ -234,6 +237,27 @@ def _load(ledger: Ledger, product_id: int, requests: list[Request]) -> None:
             _load_orders(ledger, Order.id.in_(list(pending)))
             _load_holds(ledger, Hold.id.in_([hold_id_for(o) for o in pending])
                         & (Hold.product == product_id))
+
+
+def _load_customer_units(ledger: Ledger, product_id: int, customers: set[str]) -> None:
+    """Units each customer has of the product now: active holds, pending and paid orders
+    (expired holds and cancelled or timed-out orders no longer count)."""
+    if not customers:
+        return
+    now = ledger.now
+    holds = (Hold.select(Hold.customer_id, pw.fn.SUM(Hold.qty))
+             .where((Hold.product == product_id) & Hold.customer_id.in_(list(customers))
+                    & (Hold.status == HoldStatus.ACTIVE) & (Hold.expires_at > now))
+             .group_by(Hold.customer_id))
+    orders = (Order.select(Order.customer_id, pw.fn.SUM(Order.qty))
+              .where((Order.product == product_id) & Order.customer_id.in_(list(customers))
+                     & (((Order.status == OrderStatus.PENDING_PAYMENT) & (Order.pay_by > now))
+                        | (Order.status == OrderStatus.PAID)))
+              .group_by(Order.customer_id))
+    units = dict.fromkeys(customers, 0)
+    for customer, qty in [*holds.tuples(), *orders.tuples()]:
+        units[customer] += int(qty)
+    ledger.customer_units.update(units)
 
 
 def _load_holds(ledger: Ledger, where: pw.Expression) -> None:
@@ -280,16 +304,17 @@ def _write(ledger: Ledger, product_id: int, requests: list[Request]) -> None:
         Product.update(stock=ledger.product.stock, reserved=ledger.product.reserved) \
             .where(Product.id == ledger.product.id).execute()
     _insert("holds", ("id", "product_id", "qty", "status", "created_at", "expires_at",
-                      "request_id"),
+                      "request_id", "customer_id"),
             [(h.id, h.product_id, h.qty, str(h.status), h.created_at, h.expires_at,
-              h.request_id) for h in ledger.new_holds])
+              h.request_id, h.customer_id) for h in ledger.new_holds])
     new_ids = {h.id for h in ledger.new_holds}
     _update_status(Hold, [ledger.holds[i] for i in ledger.dirty_holds if i not in new_ids])
     for rows in _chunks([{"id": o.id, "hold": o.hold_id, "product": o.product_id, "qty": o.qty,
                           "amount_cents": o.amount_cents, "currency": o.currency,
                           "status": str(o.status), "created_at": o.created_at,
                           "pay_by": o.pay_by, "closed_at": o.closed_at,
-                          "request_id": o.request_id} for o in ledger.new_orders]):
+                          "request_id": o.request_id, "customer_id": o.customer_id}
+                         for o in ledger.new_orders]):
         Order.insert_many(rows).execute()
     new_ids = {o.id for o in ledger.new_orders}
     dirty_orders = [ledger.orders[i] for i in ledger.dirty_orders if i not in new_ids]

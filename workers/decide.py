@@ -15,6 +15,7 @@ from flashsale.limits import MAX_STOCK
 from flashsale.problems import (
     HOLD_EXPIRED,
     STOCK_LIMIT,
+    customer_limit,
     idempotency_reused,
     insufficient_stock,
     not_found,
@@ -61,6 +62,7 @@ class HoldState:
     expires_at: int
     request_id: str
     order_id: str | None = None
+    customer_id: str | None = None
 
     def is_active(self, now: int) -> bool:
         return self.status == HoldStatus.ACTIVE and now < self.expires_at
@@ -73,6 +75,8 @@ class HoldState:
                                 "expires_at": rfc3339(self.expires_at)}
         if self.order_id:
             body["order_id"] = self.order_id
+        if self.customer_id is not None:
+            body["customer_id"] = self.customer_id
         return body
 
 
@@ -89,6 +93,7 @@ class OrderState:
     pay_by: int
     request_id: str
     closed_at: int | None = None
+    customer_id: str | None = None
 
     def is_pending(self, now: int) -> bool:
         return self.status == OrderStatus.PENDING_PAYMENT and now < self.pay_by
@@ -96,9 +101,12 @@ class OrderState:
     def view(self, now: int) -> dict[str, Any]:
         status = OrderStatus.CANCELLED if self.status == OrderStatus.PENDING_PAYMENT and \
             now >= self.pay_by else self.status
-        return {"order_id": self.id, "hold_id": self.hold_id, "product_id": self.product_id,
+        body = {"order_id": self.id, "hold_id": self.hold_id, "product_id": self.product_id,
                 "qty": self.qty, "amount_cents": self.amount_cents, "currency": self.currency,
                 "status": str(status), "pay_by": rfc3339(self.pay_by)}
+        if self.customer_id is not None:
+            body["customer_id"] = self.customer_id
+        return body
 
 
 @dataclass
@@ -133,6 +141,7 @@ class Policy:
     # A pending webhook whose order and hold are both still unknown this long after it
     # arrived names an order that will never exist: settled as ignored (refund if paid).
     orphan_grace_ms: int = 15 * 60 * 1000
+    max_qty_per_customer: int | None = None  # units of the product one customer may have
 
     def orphaned(self, received_at: int, now: int) -> bool:
         return now - received_at > self.hold_ttl_ms + self.orphan_grace_ms
@@ -150,6 +159,9 @@ class Ledger:
     webhooks: dict[str, WebhookState] = field(default_factory=dict)
     idempotency: dict[str, tuple[str, str]] = field(default_factory=dict)  # id -> (fp, req)
     results: dict[str, Result] = field(default_factory=dict)  # committed earlier
+    # Units each customer of the batch has of the product (active holds, pending and paid
+    # orders), kept current as the batch goes: the per-customer limit.
+    customer_units: dict[str, int] = field(default_factory=dict)
 
     # What changed, for the writer.
     new_holds: list[HoldState] = field(default_factory=list)
@@ -221,12 +233,21 @@ class Ledger:
         qty, hold_id = int(req.args["qty"]), str(req.args["hold_id"])
         if self.product is None:
             return Result(404, not_found("Product", req.args.get("product_id")))
+        customer = req.args.get("customer_id")
+        limit = self.policy.max_qty_per_customer
+        if limit is not None and customer is not None:
+            held = self.customer_units.get(customer, 0)
+            if held + qty > limit:
+                return Result(409, customer_limit(limit, held, qty))
         if qty > self.product.available:
             return Result(409, insufficient_stock(self.product.available, qty))
         self._reserve(qty)
+        if customer is not None:
+            self.customer_units[customer] = self.customer_units.get(customer, 0) + qty
         hold = HoldState(id=hold_id, product_id=self.product.id, qty=qty,
                          status=HoldStatus.ACTIVE, created_at=self.now,
-                         expires_at=self.now + self.policy.hold_ttl_ms, request_id=req.id)
+                         expires_at=self.now + self.policy.hold_ttl_ms, request_id=req.id,
+                         customer_id=customer)
         self.holds[hold.id] = hold
         self.new_holds.append(hold)
         return Result(201, hold.view(self.now))
@@ -241,7 +262,10 @@ class Ledger:
 
     def _op_order(self, req: Request) -> Result:
         hold = self.holds.get(str(req.args["hold_id"]))
-        if hold is None or self.product is None:
+        # With customer tokens, another customer's hold is answered as if it did not exist.
+        owner_only = "customer_id" in req.args and req.args["customer_id"] != (
+            hold.customer_id if hold else None)
+        if hold is None or self.product is None or owner_only:
             return Result(404, not_found("Hold", req.args["hold_id"]))
         if hold.status == HoldStatus.CONVERTED and hold.order_id in self.orders:
             return Result(200, self.orders[hold.order_id].view(self.now))
@@ -256,7 +280,7 @@ class Ledger:
                            amount_cents=hold.qty * self.product.price_cents,
                            currency=self.product.currency, status=OrderStatus.PENDING_PAYMENT,
                            created_at=self.now, pay_by=self.now + self.policy.order_ttl_ms,
-                           request_id=req.id)
+                           request_id=req.id, customer_id=hold.customer_id)
         hold.status, hold.order_id = HoldStatus.CONVERTED, order.id
         self.dirty_holds.add(hold.id)
         self.orders[order.id] = order
@@ -313,6 +337,8 @@ class Ledger:
             else:
                 self._close(order, OrderStatus.CANCELLED)
                 self._release(order.qty)
+                if order.customer_id in self.customer_units:  # cancelled units stop counting
+                    self.customer_units[order.customer_id] -= order.qty
             hook.outcome = "applied"
         else:
             hook.outcome = "ignored"

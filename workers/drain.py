@@ -121,7 +121,8 @@ class Drainer:
     @staticmethod
     def policy_of(config: Settings) -> Policy:
         return Policy(hold_ttl_ms=config.hold_ttl_seconds * 1000,
-                      order_ttl_ms=config.order_payment_ttl_seconds * 1000)
+                      order_ttl_ms=config.order_payment_ttl_seconds * 1000,
+                      max_qty_per_customer=config.max_qty_per_customer)
 
     def run(self, deadline: float | None = None, share: bool = False) -> int:
         """Drain until the queue is empty. Past ``deadline``, or with ``share`` when other

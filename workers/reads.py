@@ -19,14 +19,14 @@ from workers.decide import HoldState, OrderState, ProductState
 def hold_state(row: Hold) -> HoldState:
     return HoldState(id=row.id, product_id=row.product_id, qty=row.qty, status=row.status,
                      created_at=row.created_at, expires_at=row.expires_at,
-                     request_id=row.request_id)
+                     request_id=row.request_id, customer_id=row.customer_id)
 
 
 def order_state(row: Order) -> OrderState:
     return OrderState(id=row.id, hold_id=row.hold_id, product_id=row.product_id, qty=row.qty,
                       amount_cents=row.amount_cents, currency=row.currency, status=row.status,
                       created_at=row.created_at, pay_by=row.pay_by, request_id=row.request_id,
-                      closed_at=row.closed_at)
+                      closed_at=row.closed_at, customer_id=row.customer_id)
 
 
 def product_state(row: Product) -> ProductState:

@@ -594,3 +594,55 @@ def test_a_restock_past_the_stock_limit_is_refused_and_changes_nothing() -> None
     assert answers["r1"].status == 409 and answers["r1"].body["limit"] == MAX_STOCK
     assert answers["r2"].status == 200
     assert counters(lg) == (MAX_STOCK, 0)
+
+
+# --- customers --------------------------------------------------------------------------
+
+LIMITED = Policy(hold_ttl_ms=HOLD_TTL, order_ttl_ms=ORDER_TTL, max_qty_per_customer=4)
+
+
+def customer_hold(rid: str, qty: int, who: str) -> Request:
+    return Request(id=rid, op="hold", args={"product_id": PID, "qty": qty,
+                                            "hold_id": f"hold-{rid}", "customer_id": who})
+
+
+def test_the_customer_limit_is_exact_in_queue_order() -> None:
+    lg = Ledger(product=product(stock=100), now=NOW, policy=LIMITED,
+                customer_units={"ann": 1, "bob": 0})
+
+    answers = lg.apply([customer_hold("r1", 2, "ann"), customer_hold("r2", 2, "ann"),
+                        customer_hold("r3", 1, "ann"), customer_hold("r4", 4, "bob")])
+
+    assert [answers[r].status for r in ("r1", "r2", "r3", "r4")] == [201, 409, 201, 201]
+    assert answers["r2"].body["title"] == "Customer limit reached"
+    assert (answers["r2"].body["limit"], answers["r2"].body["held"]) == (4, 3)
+    assert lg.customer_units == {"ann": 4, "bob": 4}
+    assert counters(lg) == (100, 7)
+    assert [h.customer_id for h in lg.new_holds] == ["ann", "ann", "bob"]
+
+
+def test_a_failed_payment_gives_the_customer_its_units_back() -> None:
+    lg = with_pending_order(qty=3)
+    lg.policy = LIMITED
+    lg.orders["o1"].customer_id = "ann"
+    lg.customer_units = {"ann": 3}
+
+    answers = lg.apply([customer_hold("r1", 2, "ann"), webhook_req("w1", "e1", "o1", "failed"),
+                        customer_hold("r2", 2, "ann")])
+
+    assert [answers[r].status for r in ("r1", "w1", "r2")] == [409, 200, 201]
+    assert lg.customer_units == {"ann": 2}
+
+
+def test_an_order_with_a_token_for_another_customers_hold_is_not_found() -> None:
+    hold = stored_hold("h1", 2)
+    hold.customer_id = "ann"
+    lg = ledger(product(stock=10, reserved=2), holds={"h1": hold})
+
+    answers = lg.apply([Request(id="r1", op="order", args={
+        "hold_id": "h1", "order_id": "o1", "customer_id": "mallory"}),
+        Request(id="r2", op="order", args={"hold_id": "h1", "order_id": "o1",
+                                           "customer_id": "ann"})])
+
+    assert answers["r1"].status == 404 and answers["r2"].status == 201
+    assert answers["r2"].body["customer_id"] == "ann"
