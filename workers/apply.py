@@ -1,16 +1,20 @@
-"""Apply one batch of requests to one product in one database transaction.
+"""Apply the batches of one or several products in one database transaction.
 
-lock -> load -> pure decision (``Ledger``) -> bulk write -> commit. A batch whose commit
-trips a schema guard is retried one request per transaction, so only the offending
-request fails.
+lock -> load -> pure decision (``Ledger``, per product) -> bulk write -> commit. The
+products' rows are locked in id order, and the statements every batch runs (the locks,
+the replay check, the new holds, the request records) are shared by all products of the
+transaction, so one commit and a handful of statements serve everything ready. If that
+transaction fails, each product is applied on its own, and a product's batch that fails
+is retried one request per transaction, so only the offending request fails.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from functools import partial
+from typing import Any, TypeVar
 
 import orjson
 import peewee as pw
@@ -49,6 +53,23 @@ class Outcome:
     dead: list[DeadRequest] = field(default_factory=list)  # set aside, answered alone
 
 
+def apply_batches(batches: dict[int, list[Request]], policy: Policy) -> dict[int, Outcome]:
+    """Apply several products' batches, each in its own queue order, in one transaction.
+
+    A transaction only ever groups products of one database: with the database sharded
+    by product, the drainer groups the products of one shard (docs/ARCHITECTURE.md).
+    """
+    if len(batches) > 1:
+        try:
+            return _transaction(partial(_apply_many, batches, policy))
+        except Exception as exc:
+            if database_unavailable(exc):
+                raise
+            log.warning("transaction of %d products failed (%r); applying each alone",
+                        len(batches), exc)
+    return {pid: apply_batch(pid, requests, policy) for pid, requests in batches.items()}
+
+
 def apply_batch(product_id: int, requests: list[Request], policy: Policy) -> Outcome:
     """Apply ``requests`` in order in one transaction; one per request if that fails.
 
@@ -57,8 +78,7 @@ def apply_batch(product_id: int, requests: list[Request], policy: Policy) -> Out
     an unreachable database stops the batch: it stays in flight and is applied again.
     """
     try:
-        with atomic():
-            return _apply(product_id, requests, policy)
+        return _transaction(partial(_apply_many, {product_id: requests}, policy))[product_id]
     except Exception as exc:
         if database_unavailable(exc):
             raise
@@ -67,8 +87,7 @@ def apply_batch(product_id: int, requests: list[Request], policy: Policy) -> Out
     outcome = Outcome(results={}, product=None)
     for req in requests:
         try:
-            with atomic():
-                one = _apply(product_id, [req], policy)
+            one = _transaction(partial(_apply_many, {product_id: [req]}, policy))[product_id]
         except Exception as exc:
             if database_unavailable(exc):
                 raise
@@ -79,6 +98,25 @@ def apply_batch(product_id: int, requests: list[Request], policy: Policy) -> Out
         outcome.dead.extend(one.dead)
         outcome.product = one.product or outcome.product
     return outcome
+
+
+T = TypeVar("T")
+DEADLOCK_RETRIES = 3
+
+
+def _transaction(work: Callable[[], T]) -> T:
+    """``work`` in one transaction, run again when the database chose it as a deadlock
+    victim or timed out a lock wait (concurrent inserts into shared indexes can)."""
+    for attempt in range(DEADLOCK_RETRIES):
+        try:
+            with atomic():
+                return work()
+        except pw.OperationalError as exc:
+            if not exc.args or exc.args[0] not in (1205, 1213) or \
+                    attempt == DEADLOCK_RETRIES - 1:
+                raise
+            log.warning("transaction retried after %r", exc)
+    raise AssertionError("unreachable")
 
 
 # MySQL client and server errors that mean "not now" rather than "not this request":
@@ -128,46 +166,64 @@ def _set_aside(product_id: int, req: Request, exc: Exception) -> Outcome:
     return Outcome({req.id: result}, product.view() if product else None, dead=[dead])
 
 
-def _apply(product_id: int, requests: list[Request], policy: Policy) -> Outcome:
-    product = _lock_product(product_id)
-    now = now_ms()  # read under the lock: decisions of one partition never go back in time
-    ledger = Ledger(product=product, now=now, policy=policy)
-    _load(ledger, product_id, requests)
-    todo = [r for r in requests if r.id not in ledger.results]
-    ledger.apply([r for r in todo if r.op != "create_product"])
-    ledger.answers.update(_create_products(todo, now))
-    _write(ledger, product_id, todo)
-    results = {r.id: ledger.results.get(r.id) or ledger.answers[r.id] for r in requests}
-    return Outcome(results, ledger.product.view() if ledger.product else None,
-                   ledger.revised_results())
+def _apply_many(batches: dict[int, list[Request]], policy: Policy) -> dict[int, Outcome]:
+    pids = sorted(batches)
+    products = _lock_products(pids)
+    now = now_ms()  # read under the locks: decisions of one partition never go back in time
+    committed = _committed([r.id for pid in pids for r in batches[pid]])
+    done: list[tuple[Ledger, int, list[Request]]] = []
+    for pid in pids:
+        requests = batches[pid]
+        ledger = Ledger(product=products.get(pid), now=now, policy=policy,
+                        results={r.id: committed[r.id] for r in requests if r.id in committed})
+        _load(ledger, pid, requests)
+        todo = [r for r in requests if r.id not in ledger.results]
+        ledger.apply([r for r in todo if r.op != "create_product"])
+        ledger.answers.update(_create_products(todo, now))
+        done.append((ledger, pid, todo))
+    _write(done)
+    return {pid: Outcome({r.id: ledger.results.get(r.id) or ledger.answers[r.id]
+                          for r in batches[pid]},
+                         ledger.product.view() if ledger.product else None,
+                         ledger.revised_results())
+            for ledger, pid, _ in done}
 
 
 # The statements every batch runs are written out: building them with peewee's query
 # builder cost more CPU than the database spent running them.
 
-def _lock_product(product_id: int) -> ProductState | None:
-    """The product row, locked against any other writer until commit. The catalog
-    partition has no product row: its own row in partition_locks is locked instead."""
+def _lock_products(product_ids: list[int]) -> dict[int, ProductState]:
+    """The products' rows, locked in id order against any other writer until commit. The
+    catalog partition has no product row: its own row in partition_locks is locked."""
     lock = "" if is_sqlite() else " FOR UPDATE"
-    if product_id == keys.CATALOG:
+    ids = [pid for pid in product_ids if pid != keys.CATALOG]
+    if len(ids) < len(product_ids):
         db.execute_sql(f"SELECT id FROM partition_locks WHERE id = {db.param}{lock}",
-                       (product_id,)).fetchone()
-        return None
-    sql = (f"SELECT id, name, price_cents, currency, stock, reserved FROM products "
-           f"WHERE id = {db.param}{lock}")
-    row = db.execute_sql(sql, (product_id,)).fetchone()
-    return ProductState(*row) if row else None
+                       (keys.CATALOG,)).fetchone()
+    found: dict[int, ProductState] = {}
+    for chunk in _chunks(ids):
+        sql = (f"SELECT id, name, price_cents, currency, stock, reserved FROM products "
+               f"WHERE id IN ({', '.join([db.param] * len(chunk))}) ORDER BY id{lock}")
+        for row in db.execute_sql(sql, chunk).fetchall():
+            found[row[0]] = ProductState(*row)
+    return found
 
 
-def _committed(ledger: Ledger, request_ids: list[str]) -> None:
+def _lock_product(product_id: int) -> ProductState | None:
+    return _lock_products([product_id]).get(product_id)
+
+
+def _committed(request_ids: list[str]) -> dict[str, Result]:
     """Results of requests already applied (by this batch's crashed predecessor, or the
     first request of an Idempotency-Key)."""
+    found = {}
     for chunk in _chunks(request_ids):
         placeholders = ", ".join([db.param] * len(chunk))
         cursor = db.execute_sql(
             f"SELECT id, status_code, body FROM requests WHERE id IN ({placeholders})", chunk)
         for request_id, status, body in cursor.fetchall():
-            ledger.results[request_id] = Result(status, orjson.loads(body))
+            found[request_id] = Result(status, orjson.loads(body))
+    return found
 
 
 def _insert(table: str, columns: tuple[str, ...], rows: list[tuple[Any, ...]]) -> None:
@@ -185,8 +241,8 @@ def _chunks(values: Iterable[Any], size: int = 500) -> Iterable[list[Any]]:
 
 
 def _load(ledger: Ledger, product_id: int, requests: list[Request]) -> None:
-    """Read, in a few queries, every row the batch's decisions depend on."""
-    _committed(ledger, [r.id for r in requests])
+    """Read, in a few queries, every row the batch's decisions depend on (the committed
+    results of its own requests are loaded for all products at once)."""
     todo = [r for r in requests if r.id not in ledger.results]
     ops = {r.op for r in todo}
 
@@ -195,8 +251,8 @@ def _load(ledger: Ledger, product_id: int, requests: list[Request]) -> None:
         records = list(IdempotencyRecord.select().where(IdempotencyRecord.id.in_(idem)))
         ledger.idempotency.update({rec.id: (rec.fingerprint, rec.request_id)
                                    for rec in records})
-        _committed(ledger, [rec.request_id for rec in records
-                            if rec.request_id not in ledger.results])
+        ledger.results.update(_committed([rec.request_id for rec in records
+                                          if rec.request_id not in ledger.results]))
 
     hold_ids = {str(r.args["hold_id"]) for r in todo if r.op == "order"}
     hooks = {str(r.args["idempotency_key"]): str(r.args["order_id"])
@@ -298,15 +354,36 @@ def _create_products(requests: list[Request], now: int) -> dict[str, Result]:
     return results
 
 
-def _write(ledger: Ledger, product_id: int, requests: list[Request]) -> None:
-    """Persist what the ledger decided: a handful of multi-row statements."""
-    if ledger.product is not None and ledger.product_dirty:
-        Product.update(stock=ledger.product.stock, reserved=ledger.product.reserved) \
-            .where(Product.id == ledger.product.id).execute()
+def _write(done: list[tuple[Ledger, int, list[Request]]]) -> None:
+    """Persist what the ledgers decided: a handful of multi-row statements for all the
+    transaction's products, and per product only what its rarer requests changed."""
+    _update_products([lg.product for lg, _, _ in done
+                      if lg.product is not None and lg.product_dirty])
     _insert("holds", ("id", "product_id", "qty", "status", "created_at", "expires_at",
                       "request_id", "customer_id"),
             [(h.id, h.product_id, h.qty, str(h.status), h.created_at, h.expires_at,
-              h.request_id, h.customer_id) for h in ledger.new_holds])
+              h.request_id, h.customer_id) for lg, _, _ in done for h in lg.new_holds])
+    for ledger, _, _ in done:
+        _write_rest(ledger)
+    _insert("requests", ("id", "product_id", "op", "status_code", "body", "created_at"),
+            [(r.id, pid, r.op, lg.answers[r.id].status,
+              orjson.dumps(lg.answers[r.id].body).decode(), lg.now)
+             for lg, pid, todo in done for r in todo])
+
+
+def _update_products(products: list[ProductState]) -> None:
+    """One UPDATE for the counters of every product the transaction changed."""
+    for chunk in _chunks(products):
+        cases = " ".join([f"WHEN {db.param} THEN {db.param}"] * len(chunk))
+        ids = ", ".join([db.param] * len(chunk))
+        db.execute_sql(
+            f"UPDATE products SET stock = CASE id {cases} END, reserved = CASE id {cases} END "
+            f"WHERE id IN ({ids})",
+            [v for p in chunk for v in (p.id, p.stock)]
+            + [v for p in chunk for v in (p.id, p.reserved)] + [p.id for p in chunk])
+
+
+def _write_rest(ledger: Ledger) -> None:
     new_ids = {h.id for h in ledger.new_holds}
     _update_status(Hold, [ledger.holds[i] for i in ledger.dirty_holds if i not in new_ids])
     for rows in _chunks([{"id": o.id, "hold": o.hold_id, "product": o.product_id, "qty": o.qty,
@@ -334,10 +411,6 @@ def _write(ledger: Ledger, product_id: int, requests: list[Request]) -> None:
         IdempotencyRecord.insert_many(
             [{"id": k, "fingerprint": fp, "request_id": rid, "created_at": ledger.now}
              for k, (fp, rid) in ledger.new_idempotency.items()]).execute()
-    _insert("requests", ("id", "product_id", "op", "status_code", "body", "created_at"),
-            [(r.id, product_id, r.op, ledger.answers[r.id].status,
-              orjson.dumps(ledger.answers[r.id].body).decode(), ledger.now)
-             for r in requests])
 
 
 def _update_status(model: type[Hold], rows: list[Any]) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import secrets
 import time
@@ -17,7 +18,7 @@ from rq import Queue, get_current_job
 from flashsale.config import Settings
 from flashsale.problems import problem
 from workers import keys
-from workers.apply import Outcome, apply_batch
+from workers.apply import Outcome, apply_batches
 from workers.decide import Policy, Request, Result
 from workers.protocol import (
     FINISH,
@@ -72,48 +73,63 @@ def enqueue_drain_job(conn: redis.Redis) -> None:
 
 
 def drain(product_id: int | None = None) -> int:
-    """rq entry point: drain ready products, one batch at a time each; returns requests.
+    """rq entry point: drain ready products, many at a time; returns requests applied.
 
-    A product with more work after its batch goes back to the end of the ready list when
-    other products wait, so many hot products share the drainers fairly. The job leaves
-    when nothing is ready, or hands over to a fresh job after DRAIN_JOB_SECONDS.
+    Each round takes a batch from every product the job holds (up to DRAIN_PRODUCTS of
+    them, from the front of the ready list) and applies them all in one transaction. When
+    other products wait, the job hands its products back to the end of the ready list
+    after the round, so many hot products share the drainers fairly and none waits for
+    long. The job leaves when nothing is ready, or hands over to a fresh job after
+    DRAIN_JOB_SECONDS.
     """
     job = get_current_job()
     conn = job.connection if job is not None else redis.Redis.from_url(settings().redis_url)
     me = job.id if job is not None else secrets.token_hex(8)
     retire = conn.register_script(RETIRE)
+    drainer = Drainer(conn, settings(), name=me)
     deadline = time.monotonic() + DRAIN_JOB_SECONDS
     if product_id is not None:  # a job enqueued by an earlier release names its product
         conn.rpush(keys.READY, product_id)
     applied = 0
     try:
         while time.monotonic() < deadline:
-            pipe = conn.pipeline(transaction=False)
-            pipe.zadd(keys.DRAINERS, {me: int(time.time() * 1000)})  # heartbeat
-            pipe.lpop(keys.READY)
-            ready = cast(bytes | None, pipe.execute()[1])
-            if ready is None:
-                if retire(keys=[keys.READY, keys.DRAINERS], args=[me]):
-                    return applied
-                continue
-            applied += Drainer(conn, int(ready), settings()).run(deadline, share=True)
+            fresh: list[int] = []
+            if not drainer.held:
+                pipe = conn.pipeline(transaction=False)
+                pipe.zadd(keys.DRAINERS, {me: int(time.time() * 1000)})  # heartbeat
+                pipe.lpop(keys.READY, drainer.config.drain_products)
+                fresh = [int(p) for p in cast(list[bytes] | None, pipe.execute()[1]) or []]
+                if not fresh:
+                    if retire(keys=[keys.READY, keys.DRAINERS], args=[me]):
+                        return applied
+                    continue
+            applied += drainer.round(fresh)
+            if drainer.others_waiting:
+                drainer.hand_back()
+        drainer.hand_back()
         if conn.llen(keys.READY):  # time is up: a fresh job carries on
             enqueue_drain_job(conn)
+    except BaseException:
+        drainer.release_all()
+        raise
     finally:
         conn.zrem(keys.DRAINERS, me)
     return applied
 
 
 class Drainer:
-    """Holds one product's lease and applies its queue in batches."""
+    """Holds the leases of some products and applies their queues, a round at a time:
+    one batch of each product, all in one transaction, answered in one Redis round trip.
+    """
 
-    def __init__(self, conn: redis.Redis, product_id: int, config: Settings) -> None:
+    def __init__(self, conn: redis.Redis, config: Settings, name: str = "") -> None:
         self.conn = conn
-        self.product_id = product_id
         self.config = config
-        self.token = secrets.token_hex(8)
+        self.name = name or secrets.token_hex(8)  # its heartbeat in fs:drainers
+        self.token = secrets.token_hex(8)  # the value of every lease it holds
         self.policy = self.policy_of(config)
-        self.others_waiting = 0  # products on the ready list, seen after the last batch
+        self.held: list[int] = []  # products whose lease it holds, with work left
+        self.others_waiting = 0  # products on the ready list, seen after the last round
         self._take = conn.register_script(TAKE)
         self._finish = conn.register_script(FINISH)
         self._release = conn.register_script(RELEASE)
@@ -124,74 +140,104 @@ class Drainer:
                       order_ttl_ms=config.order_payment_ttl_seconds * 1000,
                       max_qty_per_customer=config.max_qty_per_customer)
 
-    def run(self, deadline: float | None = None, share: bool = False) -> int:
-        """Drain until the queue is empty. Past ``deadline``, or with ``share`` when other
-        products wait, hand the product back to the ready list after a batch."""
-        applied, first = 0, True
-        try:
-            while True:
-                # The first TAKE also takes the lease, if no other drainer holds it.
-                raw = self._take(keys=take_keys(self.product_id),
-                                 args=[self.token, self.config.batch_size,
-                                       self.config.lease_ms,
-                                       keys.job_prefix(self.product_id), int(first)])
-                if raw is None:  # another drainer has the product and sees our requests
-                    if not first:
-                        log.warning("product %d: lease lost, stopping", self.product_id)
-                    return applied
-                first = False
-                if not raw:
-                    return applied  # queue empty: the script released lease and wake
-                applied += self.step(raw)
-                if (share and self.others_waiting) or (
-                        deadline is not None and time.monotonic() >= deadline):
-                    self.hand_back()
-                    return applied
-        except BaseException:
-            self._release(keys=[keys.lease(self.product_id)], args=[self.token])
-            raise
+    def drain_product(self, product_id: int) -> int:
+        """Drain one product until its queue is empty (or another drainer has it)."""
+        applied = self.round([product_id])
+        while self.held:
+            applied += self.round([])
+        return applied
+
+    def round(self, fresh: list[int]) -> int:
+        """TAKE a batch of every held product and of ``fresh`` ones (taking their free
+        leases), apply them all in one transaction, answer them; returns their size."""
+        candidates = self.held + [pid for pid in fresh if pid not in self.held]
+        taken = self._run_each(self._take, [
+            (take_keys(pid), [self.token, self.config.batch_size, self.config.lease_ms,
+                              keys.job_prefix(pid), 1]) for pid in candidates])
+        batches: dict[int, list[bytes]] = {}
+        for pid, raw in zip(candidates, taken, strict=True):
+            if raw is None:  # another drainer has it, and sees what was queued
+                if pid in self.held:
+                    log.warning("product %d: lease lost", pid)
+            elif raw:  # (empty: the queue ran dry; the script released lease and wake)
+                batches[pid] = raw
+        self.held = list(batches)
+        return self.step(batches) if batches else 0
 
     def hand_back(self) -> None:
-        """Release the lease and requeue the product; its wake flag stays set."""
+        """Release the held leases and requeue their products; wake flags stay set."""
+        if not self.held:
+            return
         pipe = self.conn.pipeline(transaction=False)
-        release_keys = [keys.lease(self.product_id)]
-        pipe.evalsha(self._release.sha, 1, *release_keys, self.token)
-        pipe.rpush(keys.READY, self.product_id)
-        if isinstance(pipe.execute(raise_on_error=False)[0], NoScriptError):
-            self._release(keys=release_keys, args=[self.token])
+        for pid in self.held:
+            pipe.evalsha(self._release.sha, 1, keys.lease(pid), self.token)
+            pipe.rpush(keys.READY, pid)
+        replies = pipe.execute(raise_on_error=False)
+        for pid, reply in zip(self.held, replies[::2], strict=True):
+            if isinstance(reply, NoScriptError):
+                self._release(keys=[keys.lease(pid)], args=[self.token])
+        self.held = []
 
-    def step(self, raw: list[bytes]) -> int:
-        """Apply one batch in one transaction, then answer it: one round trip to Redis
-        for the results, the replies, the cache and the counters."""
+    def release_all(self) -> None:
+        """After a failure: give up the leases; the sweep wakes a drainer for what is left."""
+        for pid in self.held:
+            with contextlib.suppress(Exception):
+                self._release(keys=[keys.lease(pid)], args=[self.token])
+        self.held = []
+
+    def step(self, batches: dict[int, list[bytes]]) -> int:
+        """Apply a round's batches in one transaction, then answer them: one round trip to
+        Redis for every product's results, replies, cache and counters."""
         started = time.perf_counter()
-        batch, unreadable = _decode(raw)
-        requests, seen = [], set()
-        for env in batch:  # a request id is applied once, even if queued twice
-            if env.id not in seen:
-                seen.add(env.id)
-                requests.append(Request(id=env.id, op=env.op, args=env.args, idem=env.idem))
-        outcome = apply_batch(self.product_id, requests, self.policy)
-        outcome.results.update(unreadable)
+        envelopes: dict[int, list[Envelope]] = {}
+        requests: dict[int, list[Request]] = {}
+        unreadable: dict[int, dict[str, Result]] = {}
+        for pid, raw in batches.items():
+            envelopes[pid], unreadable[pid] = _decode(raw)
+            requests[pid] = _unique(envelopes[pid])
+        outcomes = apply_batches(requests, self.policy)
         committed = time.perf_counter()
-        finish_keys, finish_argv = self.answer(batch, outcome)
+        calls = []
+        for pid, outcome in outcomes.items():
+            outcome.results.update(unreadable[pid])
+            calls.append(self.answer(pid, envelopes[pid], outcome))
+        size = sum(len(b) for b in envelopes.values())
         pipe = self.conn.pipeline(transaction=False)
-        pipe.evalsha(self._finish.sha, len(finish_keys), *finish_keys, *finish_argv)
-        granted, refused = self.count(pipe, batch, outcome, committed - started)
+        for finish_keys, finish_argv in calls:
+            pipe.evalsha(self._finish.sha, len(finish_keys), *finish_keys, *finish_argv)
+        granted, refused = self.count(pipe, envelopes, outcomes, committed - started)
+        pipe.zadd(keys.DRAINERS, {self.name: int(time.time() * 1000)})  # heartbeat
         pipe.llen(keys.READY)
         replies = pipe.execute(raise_on_error=False)
-        if isinstance(replies[0], NoScriptError):  # Redis restarted: load it and run it
-            self._finish(keys=finish_keys, args=finish_argv)
-        elif isinstance(replies[0], Exception):
-            raise replies[0]
-        self.others_waiting = replies[-1]
-        log.info("batch applied", extra={"product_id": self.product_id, "size": len(batch),
-                                         "granted": granted, "refused": refused,
-                                         "apply_ms": round((committed - started) * 1000, 2),
-                                         "answer_ms": round((time.perf_counter() - committed)
-                                                            * 1000, 2)})
-        return len(batch)
+        for (finish_keys, finish_argv), reply in zip(calls, replies, strict=False):
+            if isinstance(reply, NoScriptError):  # Redis restarted: load it and run it
+                self._finish(keys=finish_keys, args=finish_argv)
+            elif isinstance(reply, Exception):
+                raise reply
+        self.others_waiting = int(replies[-1])
+        log.info("batch applied", extra={
+            "products": len(batches), "product_id": next(iter(batches)), "size": size,
+            "granted": granted, "refused": refused,
+            "apply_ms": round((committed - started) * 1000, 2),
+            "answer_ms": round((time.perf_counter() - committed) * 1000, 2)})
+        return size
 
-    def answer(self, batch: list[Envelope], outcome: Outcome) -> tuple[list[str], list[Any]]:
+    def _run_each(self, script: Any, calls: list[tuple[list[str], list[Any]]]) -> list[Any]:
+        """One script call per (keys, args), in one pipeline; loads the script if Redis
+        does not know it (a new or restarted Redis)."""
+        pipe = self.conn.pipeline(transaction=False)
+        for call_keys, call_args in calls:
+            pipe.evalsha(script.sha, len(call_keys), *call_keys, *call_args)
+        replies = pipe.execute(raise_on_error=False)
+        for n, reply in enumerate(replies):
+            if isinstance(reply, NoScriptError):
+                replies[n] = script(keys=calls[n][0], args=calls[n][1])
+            elif isinstance(reply, Exception):
+                raise reply
+        return replies
+
+    def answer(self, product_id: int, batch: list[Envelope],
+               outcome: Outcome) -> tuple[list[str], list[Any]]:
         """The FINISH call for a committed batch: results, replies, cache, control flags."""
         results: dict[str, bytes] = {}
         replies: dict[str, list[Any]] = defaultdict(list)
@@ -207,28 +253,42 @@ class Drainer:
         admitted = sum(int(e.args.get("qty", 0)) for e in batch if e.op == "hold")
         adders = sum(1 for e in batch if adds_units(e.op, e.args))
         fields = product_fields(outcome.product) if outcome.product else {}
-        delete = [keys.control(self.product_id, e.op) for e in batch if e.op in CONTROL_OPS]
-        return ([keys.inflight(self.product_id), keys.lease(self.product_id),
-                 keys.product(self.product_id)],
+        delete = [keys.control(product_id, e.op) for e in batch if e.op in CONTROL_OPS]
+        return ([keys.inflight(product_id), keys.lease(product_id), keys.product(product_id)],
                 finish_args(self.token, self.config.lease_ms, self.config.job_cache_seconds,
-                            self.product_id, admitted, fields, results,
+                            product_id, admitted, fields, results,
                             {ch: orjson.dumps(r) for ch, r in replies.items()},
                             sorted(set(delete)), adders))
 
-    def count(self, pipe: Any, batch: list[Envelope], outcome: Outcome,
-              apply_s: float) -> tuple[int, int]:
-        """Add the batch to the shared counters that the gateway's /metrics exposes."""
-        granted = sum(1 for e in batch if e.op == "hold" and _status(outcome, e.id) == 201)
-        refused = sum(1 for e in batch if e.op == "hold" and _status(outcome, e.id) == 409)
+    def count(self, pipe: Any, envelopes: dict[int, list[Envelope]],
+              outcomes: dict[int, Outcome], apply_s: float) -> tuple[int, int]:
+        """Add the round to the shared counters that the gateway's /metrics exposes."""
+        granted = refused = size = dead = 0
+        for pid, batch in envelopes.items():
+            holds = [_status(outcomes[pid], e.id) for e in batch if e.op == "hold"]
+            granted += holds.count(201)
+            refused += holds.count(409)
+            size += len(batch)
+            dead += len(outcomes[pid].dead)
         pipe.hincrby(keys.BATCH_STATS, "batches", 1)
-        pipe.hincrby(keys.BATCH_STATS, "requests", len(batch))
-        pipe.hincrby(keys.BATCH_STATS, f"size_le_{_bucket(len(batch))}", 1)
+        pipe.hincrby(keys.BATCH_STATS, "requests", size)
+        pipe.hincrby(keys.BATCH_STATS, f"size_le_{_bucket(size)}", 1)
         pipe.hincrby(keys.BATCH_STATS, "holds_granted", granted)
         pipe.hincrby(keys.BATCH_STATS, "holds_refused_worker", refused)
         pipe.hincrbyfloat(keys.BATCH_STATS, "apply_seconds", apply_s)
-        if outcome.dead:
-            pipe.incrby(keys.DEAD_LETTERS, len(outcome.dead))
+        if dead:
+            pipe.incrby(keys.DEAD_LETTERS, dead)
         return granted, refused
+
+
+def _unique(batch: list[Envelope]) -> list[Request]:
+    """The batch's requests, each request id once even if it was queued twice."""
+    requests, seen = [], set()
+    for env in batch:
+        if env.id not in seen:
+            seen.add(env.id)
+            requests.append(Request(id=env.id, op=env.op, args=env.args, idem=env.idem))
+    return requests
 
 
 BATCH_BUCKETS = (1, 5, 10, 25, 50, 100, 200, 500, 1000)

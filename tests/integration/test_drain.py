@@ -100,7 +100,7 @@ def test_one_run_applies_every_queued_request_and_answers_it(
     sub.subscribe(REPLY)
     assert sub.get_message(timeout=1)["type"] == "subscribe"
 
-    applied = Drainer(redis_conn, pid, SETTINGS).run()
+    applied = Drainer(redis_conn, SETTINGS).drain_product(pid)
 
     assert applied == 6
     results = [job_result(redis_conn, e.id) for e in envelopes]
@@ -131,7 +131,7 @@ def test_hold_order_and_payment_in_one_batch(
     for env in (hold_env, order_env, pay_env):
         push(redis_conn, pid, env, SETTINGS.job_ttl_seconds)
 
-    assert Drainer(redis_conn, pid, SETTINGS).run() == 3
+    assert Drainer(redis_conn, SETTINGS).drain_product(pid) == 3
 
     order_result = job_result(redis_conn, order_env.id)
     assert job_result(redis_conn, hold_env.id)["status"] == 201
@@ -156,7 +156,7 @@ def test_a_batch_taken_by_a_drainer_that_died_before_commit_is_applied_exactly_o
         time.sleep(0.02)
     assert Hold.select().where(Hold.product == pid).count() == 0
 
-    applied = Drainer(redis_conn, pid, SETTINGS).run()
+    applied = Drainer(redis_conn, SETTINGS).drain_product(pid)
 
     assert applied == 5
     assert [job_result(redis_conn, e.id)["status"] for e in envelopes] == [201] * 5
@@ -176,7 +176,7 @@ def test_a_batch_committed_by_a_drainer_that_died_before_finish_is_replayed(
     redis_conn.delete(keys.lease(pid))  # died: no FINISH, its lease gone
     assert redis_conn.get(keys.job(envelopes[0].id)) == b"processing"
 
-    applied = Drainer(redis_conn, pid, SETTINGS).run()
+    applied = Drainer(redis_conn, SETTINGS).drain_product(pid)
 
     assert applied == 3
     for env in envelopes:
@@ -192,8 +192,56 @@ def test_a_run_while_another_drainer_holds_the_lease_does_nothing(
     envelopes = push_holds(redis_conn, pid, [1, 1], admit=False)
     redis_conn.set(keys.lease(pid), "live-drainer", px=5_000)
 
-    assert Drainer(redis_conn, pid, SETTINGS).run() == 0
+    assert Drainer(redis_conn, SETTINGS).drain_product(pid) == 0
 
     assert redis_conn.lrange(keys.queue(pid), 0, -1) == [e.encode() for e in envelopes]
     assert redis_conn.get(keys.lease(pid)) == b"live-drainer"
     assert Hold.select().where(Hold.product == pid).count() == 0
+
+
+# --- many products in one transaction ---------------------------------------------------
+
+def take_round(conn: redis.Redis, drainer: Drainer, pids: list[int]) -> int:
+    for pid in pids:
+        conn.rpush(keys.READY, pid)
+    fresh = [int(p) for p in conn.lpop(keys.READY, len(pids)) or []]
+    return drainer.round(fresh)
+
+
+def test_one_round_applies_many_products_in_one_transaction(
+        redis_conn: redis.Redis, new_product: Callable[..., int]) -> None:
+    pids = [new_product(stock=3) for _ in range(5)]
+    pushed = {pid: push_holds(redis_conn, pid, [1, 2, 1], admit=False) for pid in pids}
+    drainer = Drainer(redis_conn, SETTINGS)
+    before = int(redis_conn.hget(keys.BATCH_STATS, "batches") or 0)
+
+    assert take_round(redis_conn, drainer, pids) == 15
+
+    assert int(redis_conn.hget(keys.BATCH_STATS, "batches") or 0) == before + 1
+    for pid in pids:
+        results = [job_result(redis_conn, e.id)["status"] for e in pushed[pid]]
+        assert results == [201, 201, 409]
+        assert_applied_once(pushed[pid][:2], pid)
+    assert sorted(drainer.held) == sorted(pids)  # their leases, for the next round
+    assert take_round(redis_conn, drainer, []) == 0
+    for pid in pids:
+        assert_drained(redis_conn, pid)
+
+
+def test_a_product_that_fails_the_shared_transaction_fails_alone(
+        redis_conn: redis.Redis, new_product: Callable[..., int]) -> None:
+    good, bad = new_product(stock=5), new_product(stock=5)
+    good_envs = push_holds(redis_conn, good, [1, 1], admit=False)
+    # A hold whose stored row would break the schema (qty column is an INT).
+    poison = Envelope(id=keys.new_id("job", bad), op="hold",
+                      args={"product_id": bad, "qty": 2**40, "hold_id": keys.new_id("hold", bad)})
+    push(redis_conn, bad, poison, SETTINGS.job_ttl_seconds)
+    fine = push_holds(redis_conn, bad, [1], admit=False)
+    Product.update(stock=2**41).where(Product.id == bad).execute()
+
+    assert take_round(redis_conn, Drainer(redis_conn, SETTINGS), [good, bad]) == 4
+
+    assert [job_result(redis_conn, e.id)["status"] for e in good_envs] == [201, 201]
+    assert job_result(redis_conn, poison.id)["status"] in (409, 422)
+    assert job_result(redis_conn, fine[0].id)["status"] == 201
+    assert_applied_once(good_envs, good)
