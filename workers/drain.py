@@ -41,6 +41,11 @@ DRAIN_JOB_TIMEOUT = 3600
 DRAIN_JOB_SECONDS = 2.0
 # A drainer whose heartbeat is older than this is counted as gone (killed).
 HEARTBEAT_MS = 30_000
+# An idle drain job waits this long for a product to become ready before it leaves.
+LINGER_SECONDS = 0.1
+# A round applies at most this many BATCH_SIZE batches' worth of requests, shared by its
+# products, so that one transaction stays well within the drainer's lease.
+ROUND_BATCHES = 10
 # Envelopes the scheduler pushes, at most one pending per product (see schedules.jobs).
 CONTROL_OPS = ("expire", "retry_webhooks")
 
@@ -76,10 +81,11 @@ def drain(product_id: int | None = None) -> int:
     """rq entry point: drain ready products, many at a time; returns requests applied.
 
     Each round takes a batch from every product the job holds (up to DRAIN_PRODUCTS of
-    them, from the front of the ready list) and applies them all in one transaction. When
-    other products wait, the job hands its products back to the end of the ready list
-    after the round, so many hot products share the drainers fairly and none waits for
-    long. The job leaves when nothing is ready, or hands over to a fresh job after
+    them, from the front of the ready list) and applies them all in one transaction.
+    Products that become ready meanwhile join the next round while there is room; when
+    there is none, the job hands its products back to the end of the ready list after the
+    round, so many hot products share the drainers fairly and none waits for long. The
+    job leaves when nothing is ready, or hands over to a fresh job after
     DRAIN_JOB_SECONDS.
     """
     job = get_current_job()
@@ -91,21 +97,28 @@ def drain(product_id: int | None = None) -> int:
     if product_id is not None:  # a job enqueued by an earlier release names its product
         conn.rpush(keys.READY, product_id)
     applied = 0
+    room = drainer.config.drain_products
     try:
         while time.monotonic() < deadline:
+            if drainer.others_waiting and len(drainer.held) >= room:
+                drainer.hand_back()  # more products are hot than one round takes: rotate
             fresh: list[int] = []
-            if not drainer.held:
+            if not drainer.held or (drainer.others_waiting and len(drainer.held) < room):
                 pipe = conn.pipeline(transaction=False)
                 pipe.zadd(keys.DRAINERS, {me: int(time.time() * 1000)})  # heartbeat
-                pipe.lpop(keys.READY, drainer.config.drain_products)
+                pipe.lpop(keys.READY, room - len(drainer.held))
                 fresh = [int(p) for p in cast(list[bytes] | None, pipe.execute()[1]) or []]
-                if not fresh:
-                    if retire(keys=[keys.READY, keys.DRAINERS], args=[me]):
+                if not fresh and not drainer.held:
+                    # Linger a moment: the clients just answered are about to send their
+                    # next requests, and a drainer at work takes them without a new job.
+                    popped = conn.blpop([keys.READY], timeout=LINGER_SECONDS)
+                    if popped is not None:
+                        fresh = [int(cast(tuple[bytes, bytes], popped)[1])]
+                    elif retire(keys=[keys.READY, keys.DRAINERS], args=[me]):
                         return applied
-                    continue
+                    else:
+                        continue
             applied += drainer.round(fresh)
-            if drainer.others_waiting:
-                drainer.hand_back()
         drainer.hand_back()
         if conn.llen(keys.READY):  # time is up: a fresh job carries on
             enqueue_drain_job(conn)
@@ -151,8 +164,11 @@ class Drainer:
         """TAKE a batch of every held product and of ``fresh`` ones (taking their free
         leases), apply them all in one transaction, answer them; returns their size."""
         candidates = self.held + [pid for pid in fresh if pid not in self.held]
+        # Every product gets its share of a round of at most ROUND_BATCHES full batches.
+        size = max(1, min(self.config.batch_size,
+                          ROUND_BATCHES * self.config.batch_size // len(candidates)))
         taken = self._run_each(self._take, [
-            (take_keys(pid), [self.token, self.config.batch_size, self.config.lease_ms,
+            (take_keys(pid), [self.token, size, self.config.lease_ms,
                               keys.job_prefix(pid), 1]) for pid in candidates])
         batches: dict[int, list[bytes]] = {}
         for pid, raw in zip(candidates, taken, strict=True):
