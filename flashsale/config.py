@@ -55,6 +55,7 @@ class Settings:
     port: int = 8000
     database_url: str = ""
     redis_url: str = ""
+    redis_cluster_url: str = ""  # the data plane on a Redis Cluster (workers.planes)
     hold_ttl_seconds: int = 120
     order_payment_ttl_seconds: int = 900
     max_qty_per_hold: int = 10
@@ -86,6 +87,7 @@ class Settings:
             port=_int(env, "PORT", 8000),
             database_url=env.get("DATABASE_URL") or f"sqlite:///{data_dir}/flashsale.db",
             redis_url=env.get("REDIS_URL") or "",
+            redis_cluster_url=env.get("REDIS_CLUSTER_URL") or "",
             hold_ttl_seconds=_int(env, "HOLD_TTL_SECONDS", 120),
             order_payment_ttl_seconds=_int(env, "ORDER_PAYMENT_TTL_SECONDS", 900),
             max_qty_per_hold=_bounded(env, "MAX_QTY_PER_HOLD", 10, 1, MAX_QTY_PER_HOLD_LIMIT),

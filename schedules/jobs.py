@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 
-import redis
 from rq import get_current_job
 
 from flashsale.clock import now_ms
@@ -24,7 +23,8 @@ from models import (
 )
 from workers import keys
 from workers.client import push, rewake_stalled
-from workers.drain import Drainer, settings
+from workers.drain import Drainer, planes_for, settings
+from workers.planes import Planes
 from workers.protocol import Envelope
 
 log = logging.getLogger("flashsale.schedules")
@@ -32,14 +32,14 @@ log = logging.getLogger("flashsale.schedules")
 CONTROL_TTL_MS = 10_000
 
 
-def _connection() -> redis.Redis:
+def _planes() -> Planes:
     job = get_current_job()
-    return job.connection if job is not None else redis.Redis.from_url(settings().redis_url)
+    return planes_for(job.connection) if job is not None else Planes.connect(settings())
 
 
 def sweep() -> dict[str, int]:
     """Release what time has expired, settle early webhooks, re-wake stalled products."""
-    conn = _connection()
+    planes = _planes()
     now = now_ms()
     expiring = {row.product_id for row in Hold.select(Hold.product_id).distinct().where(
         (Hold.status == HoldStatus.ACTIVE) & (Hold.expires_at <= now))}
@@ -54,21 +54,21 @@ def sweep() -> dict[str, int]:
     stale = now - policy.hold_ttl_ms - policy.orphan_grace_ms
     settling |= {row.product_id for row in Webhook.select(Webhook.product_id).distinct()
                  .where((Webhook.outcome == "pending") & (Webhook.received_at < stale))}
-    pushed = sum(control(conn, pid, "expire") for pid in expiring)
-    pushed += sum(control(conn, pid, "retry_webhooks") for pid in settling)
+    pushed = sum(control(planes, pid, "expire") for pid in expiring)
+    pushed += sum(control(planes, pid, "retry_webhooks") for pid in settling)
     product_ids = [keys.CATALOG] + [p.id for p in Product.select(Product.id)]
-    woken = rewake_stalled(conn, product_ids)
+    woken = rewake_stalled(planes, product_ids)
     if pushed or woken:
         log.info("sweep", extra={"pushed": pushed, "woken": woken})
     return {"pushed": pushed, "woken": woken}
 
 
-def control(conn: redis.Redis, product_id: int, op: str) -> bool:
+def control(planes: Planes, product_id: int, op: str) -> bool:
     """Queue one scheduler envelope for the product unless one is already pending."""
-    if not conn.set(keys.control(product_id, op), "1", nx=True, px=CONTROL_TTL_MS):
+    if not planes.data.set(keys.control(product_id, op), "1", nx=True, px=CONTROL_TTL_MS):
         return False
     envelope = Envelope(id=keys.new_id("job", product_id), op=op, args={})
-    push(conn, product_id, envelope, settings().job_ttl_seconds)
+    push(planes, product_id, envelope, settings().job_ttl_seconds)
     return True
 
 

@@ -18,6 +18,7 @@ from flashsale.clock import now_ms
 from models import DeadLetter, RequestRecord, atomic
 from workers import keys
 from workers.decide import Request
+from workers.planes import Planes
 from workers.protocol import Envelope
 
 
@@ -57,7 +58,7 @@ def list_dead(limit: int = 50, include_replayed: bool = False) -> list[dict[str,
              "envelope": row.envelope} for row in query]
 
 
-def replay(conn: redis.Redis, dead_id: int, job_ttl: int) -> bool:
+def replay(conn: Planes | redis.Redis, dead_id: int, job_ttl: int) -> bool:
     """Queue a dead letter again under its request id; False if unknown or replayed.
 
     Its recorded answer is dropped first, so the drainer applies it afresh and its job

@@ -13,16 +13,24 @@ from typing import Any, cast
 import orjson
 import redis
 from redis.exceptions import NoScriptError
-from rq import Queue, get_current_job
+from rq import get_current_job
 
 from flashsale.config import Settings
 from flashsale.problems import problem
 from workers import keys
 from workers.apply import Outcome, apply_batches
 from workers.decide import Policy, Request, Result
+from workers.planes import (
+    HEARTBEAT_MS,
+    READY_KEYS,
+    Planes,
+    as_planes,
+    enqueue_drain_job,
+    evalsha,
+    wake,
+)
 from workers.protocol import (
     FINISH,
-    READY,
     RELEASE,
     RETIRE,
     TAKE,
@@ -35,12 +43,12 @@ from workers.protocol import (
 
 log = logging.getLogger("flashsale.drain")
 
-DRAIN_JOB_TIMEOUT = 3600
+# Where they were before workers.planes owned them (audit, inspect and metrics use them).
+__all__ = ["HEARTBEAT_MS", "READY_KEYS", "Drainer", "drain", "enqueue_drain_job", "wake"]
+
 # A drain job hands over to a fresh one after this long, so that the maintenance queue
 # (expiry sweeps) gets a worker between drain jobs even during a long rush.
 DRAIN_JOB_SECONDS = 2.0
-# A drainer whose heartbeat is older than this is counted as gone (killed).
-HEARTBEAT_MS = 30_000
 # An idle drain job waits this long for a product to become ready before it leaves.
 LINGER_SECONDS = 0.1
 # A round applies at most this many BATCH_SIZE batches' worth of requests, shared by its
@@ -55,26 +63,15 @@ def settings() -> Settings:
     return Settings.from_env()
 
 
-READY_KEYS = [keys.READY, keys.DRAIN_JOBS, keys.DRAINERS, keys.DRAIN_WORKERS]
+def planes_for(control: redis.Redis) -> Planes:
+    """This process's planes around rq's connection (a cluster client is made once)."""
+    cached = _PLANES.get(id(control))
+    if cached is None or cached.control is not control:
+        cached = _PLANES[id(control)] = Planes.connect(settings(), control)
+    return cached
 
 
-def wake(conn: redis.Redis, product_id: int | None) -> None:
-    """Put the product on the ready list and make sure a drainer will come for it.
-
-    The caller holds the product's wake flag (set by the push script), so this runs once
-    per drain cycle of the product, not once per request. A drain job is enqueued only
-    when no job waits to start and fewer drainers work than there are workers: busy
-    drainers take ready products as they go. With None, only the last part.
-    """
-    pid = "" if product_id is None else product_id
-    if conn.register_script(READY)(keys=READY_KEYS, args=[pid, HEARTBEAT_MS]):
-        enqueue_drain_job(conn)
-
-
-def enqueue_drain_job(conn: redis.Redis) -> None:
-    Queue(keys.DRAIN_QUEUE, connection=conn).enqueue(
-        "workers.drain.drain", job_timeout=DRAIN_JOB_TIMEOUT, result_ttl=0,
-        failure_ttl=24 * 3600, description="drain ready products")
+_PLANES: dict[int, Planes] = {}
 
 
 def drain(product_id: int | None = None) -> int:
@@ -89,10 +86,11 @@ def drain(product_id: int | None = None) -> int:
     DRAIN_JOB_SECONDS.
     """
     job = get_current_job()
-    conn = job.connection if job is not None else redis.Redis.from_url(settings().redis_url)
+    planes = planes_for(job.connection) if job is not None else Planes.connect(settings())
+    conn = planes.control
     me = job.id if job is not None else secrets.token_hex(8)
     retire = conn.register_script(RETIRE)
-    drainer = Drainer(conn, settings(), name=me)
+    drainer = Drainer(planes, settings(), name=me)
     deadline = time.monotonic() + DRAIN_JOB_SECONDS
     if product_id is not None:  # a job enqueued by an earlier release names its product
         conn.rpush(keys.READY, product_id)
@@ -135,17 +133,19 @@ class Drainer:
     one batch of each product, all in one transaction, answered in one Redis round trip.
     """
 
-    def __init__(self, conn: redis.Redis, config: Settings, name: str = "") -> None:
-        self.conn = conn
+    def __init__(self, planes: Planes | redis.Redis, config: Settings, name: str = "") -> None:
+        planes = self.planes = as_planes(planes)
+        self.conn = planes.control  # the ready list, heartbeats and counters
+        self.data = planes.data  # the products' keys
         self.config = config
         self.name = name or secrets.token_hex(8)  # its heartbeat in fs:drainers
         self.token = secrets.token_hex(8)  # the value of every lease it holds
         self.policy = self.policy_of(config)
         self.held: list[int] = []  # products whose lease it holds, with work left
         self.others_waiting = 0  # products on the ready list, seen after the last round
-        self._take = conn.register_script(TAKE)
-        self._finish = conn.register_script(FINISH)
-        self._release = conn.register_script(RELEASE)
+        self._take = self.data.register_script(TAKE)
+        self._finish = self.data.register_script(FINISH)
+        self._release = self.data.register_script(RELEASE)
 
     @staticmethod
     def policy_of(config: Settings) -> Policy:
@@ -184,14 +184,8 @@ class Drainer:
         """Release the held leases and requeue their products; wake flags stay set."""
         if not self.held:
             return
-        pipe = self.conn.pipeline(transaction=False)
-        for pid in self.held:
-            pipe.evalsha(self._release.sha, 1, keys.lease(pid), self.token)
-            pipe.rpush(keys.READY, pid)
-        replies = pipe.execute(raise_on_error=False)
-        for pid, reply in zip(self.held, replies[::2], strict=True):
-            if isinstance(reply, NoScriptError):
-                self._release(keys=[keys.lease(pid)], args=[self.token])
+        self._run_each(self._release, [([keys.lease(pid)], [self.token]) for pid in self.held])
+        self.conn.rpush(keys.READY, *self.held)
         self.held = []
 
     def release_all(self) -> None:
@@ -218,18 +212,24 @@ class Drainer:
             outcome.results.update(unreadable[pid])
             calls.append(self.answer(pid, envelopes[pid], outcome))
         size = sum(len(b) for b in envelopes.values())
-        pipe = self.conn.pipeline(transaction=False)
+        # On one Redis, a single round trip; on a cluster, the scripts (and the sharded
+        # replies, sent after them) go to the data plane, the counters to the control one.
+        pipe = self.data.pipeline(transaction=False)
+        control = pipe if self.data is self.conn else self.conn.pipeline(transaction=False)
         for finish_keys, finish_argv in calls:
-            pipe.evalsha(self._finish.sha, len(finish_keys), *finish_keys, *finish_argv)
-        granted, refused = self.count(pipe, envelopes, outcomes, committed - started)
-        pipe.zadd(keys.DRAINERS, {self.name: int(time.time() * 1000)})  # heartbeat
-        pipe.llen(keys.READY)
+            evalsha(pipe, self._finish.sha, finish_keys, finish_argv)
+        granted, refused = self.count(control, envelopes, outcomes, committed - started)
+        control.zadd(keys.DRAINERS, {self.name: int(time.time() * 1000)})  # heartbeat
+        control.llen(keys.READY)
         replies = pipe.execute(raise_on_error=False)
         for (finish_keys, finish_argv), reply in zip(calls, replies, strict=False):
             if isinstance(reply, NoScriptError):  # Redis restarted: load it and run it
                 self._finish(keys=finish_keys, args=finish_argv)
             elif isinstance(reply, Exception):
                 raise reply
+        if control is not pipe:
+            replies = control.execute()
+            self._publish(outcomes, envelopes)
         self.others_waiting = int(replies[-1])
         log.info("batch applied", extra={
             "products": len(batches), "product_id": next(iter(batches)), "size": size,
@@ -238,12 +238,27 @@ class Drainer:
             "answer_ms": round((time.perf_counter() - committed) * 1000, 2)})
         return size
 
+    def _publish(self, outcomes: dict[int, Outcome],
+                 envelopes: dict[int, list[Envelope]]) -> None:
+        """On a cluster: the round's replies, one SPUBLISH per waiting gateway, so that
+        only the node owning that gateway's channel carries them."""
+        replies: dict[str, list[Any]] = defaultdict(list)
+        for pid, batch in envelopes.items():
+            for env in batch:
+                if env.reply:
+                    replies[env.reply].append([env.id, outcomes[pid].results[env.id].as_dict()])
+        if replies:
+            pipe = self.data.pipeline(transaction=False)
+            for channel, payload in replies.items():
+                pipe.execute_command("SPUBLISH", channel, orjson.dumps(payload))
+            pipe.execute(raise_on_error=False)  # a lost reply is found by polling
+
     def _run_each(self, script: Any, calls: list[tuple[list[str], list[Any]]]) -> list[Any]:
         """One script call per (keys, args), in one pipeline; loads the script if Redis
         does not know it (a new or restarted Redis)."""
-        pipe = self.conn.pipeline(transaction=False)
+        pipe = self.data.pipeline(transaction=False)
         for call_keys, call_args in calls:
-            pipe.evalsha(script.sha, len(call_keys), *call_keys, *call_args)
+            evalsha(pipe, script.sha, call_keys, call_args)
         replies = pipe.execute(raise_on_error=False)
         for n, reply in enumerate(replies):
             if isinstance(reply, NoScriptError):
@@ -260,7 +275,7 @@ class Drainer:
         for env in batch:
             result = outcome.results[env.id]
             results[env.id] = orjson.dumps(result.as_dict())
-            if env.reply:
+            if env.reply and not self.planes.clustered:  # (else sent by _publish)
                 replies[env.reply].append([env.id, result.as_dict()])
         for job_id, result in outcome.revised.items():
             results[job_id] = orjson.dumps(result.as_dict())
