@@ -20,6 +20,7 @@ from flashsale.limits import CUSTOMER_ID_PATTERN, is_visible_ascii
 from flashsale.problems import problem
 from gateway.errors import ProblemError
 from gateway.typedefs import METRICS, REDIS, SCRIPTS, SETTINGS
+from workers import keys
 
 CUSTOMER_ID = re.compile(CUSTOMER_ID_PATTERN.strip("^$"), re.ASCII)
 MAX_TOKEN_LENGTH = 4096
@@ -111,11 +112,11 @@ def client_of(request: web.Request, customer: str | None) -> str:
 def window_key(client: str) -> str:
     # Hashed: a customer id may hold any visible character, braces included.
     digest = hashlib.sha256(client.encode()).hexdigest()[:24]
-    return f"fs:{{rl:{digest}}}:window"
+    return f"{keys.PREFIX}:{{rl:{digest}}}:window"
 
 
 def refused_key(minute: int) -> str:
-    return f"fs:ratelimited:{minute}"
+    return f"{keys.PREFIX}:ratelimited:{minute}"
 
 
 async def rate_limit(request: web.Request, customer: str | None) -> None:

@@ -474,3 +474,140 @@ class PrivateMariaDB:
         with self.log_path.open("rb") as log:
             log.seek(logged)
             return b"Address already in use" in log.read()
+
+
+# --- Redis Cluster -------------------------------------------------------------------------
+
+
+class PrivateRedisCluster:
+    """A local Redis Cluster of ``masters`` primaries (no replicas), on free loopback ports.
+
+    Each node is ``redis-server --cluster-enabled yes`` with its data in ``base_dir``; the
+    cluster bus port is chosen here (the default, port + 10000, can pass 65535).
+    ``redis-cli --cluster create`` joins them. ``url`` names one node, as
+    ``REDIS_CLUSTER_URL`` does; ``reshard`` moves slots between nodes while clients run.
+
+        with PrivateRedisCluster(tmp_path / "cluster") as cluster:
+            settings = dict(REDIS_CLUSTER_URL=cluster.url)
+    """
+
+    STARTUP_TIMEOUT = 30.0
+
+    def __init__(self, base_dir: Path, masters: int = 3) -> None:
+        self.binaries = require_binaries("redis-server", "redis-cli")
+        self.base_dir = base_dir
+        self.ports: list[int] = []
+        self.nodes: list[ServerProcess] = []
+        self.masters = masters
+
+    @property
+    def url(self) -> str:
+        return f"redis://{LOOPBACK}:{self.ports[0]}"
+
+    def __enter__(self) -> PrivateRedisCluster:
+        try:
+            self.start()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def start(self) -> None:
+        self.base_dir.mkdir(parents=True, exist_ok=True)
+        for _ in range(self.masters):
+            port, bus = free_port(), free_port()
+            node_dir = self.base_dir / f"node-{port}"
+            node_dir.mkdir()
+            process = ServerProcess(f"redis-cluster-{port}", [
+                self.binaries["redis-server"], "--port", str(port), "--bind", LOOPBACK,
+                "--cluster-enabled", "yes", "--cluster-port", str(bus),
+                "--cluster-config-file", str(node_dir / "nodes.conf"),
+                "--cluster-node-timeout", "2000", "--dir", str(node_dir),
+                "--appendonly", "yes", "--appendfsync", "everysec", "--save", "",
+            ], node_dir / "redis.log")
+            process.start()
+            self.ports.append(port)
+            self.nodes.append(process)
+        for port, process in zip(self.ports, self.nodes, strict=True):
+            wait_until(lambda p=port: self._cli(p, "ping").stdout.strip() == "PONG",
+                       timeout=self.STARTUP_TIMEOUT, what=f"redis node {port}",
+                       alive=process.running, diagnostics=process.log_tail)
+        created = subprocess.run(
+            [self.binaries["redis-cli"], "--cluster", "create",
+             *[f"{LOOPBACK}:{p}" for p in self.ports], "--cluster-yes"],
+            capture_output=True, text=True, timeout=60, check=False)
+        if created.returncode != 0:
+            raise PrivateServerError(f"redis-cli --cluster create failed:\n{created.stdout}"
+                                     f"\n{created.stderr}")
+        wait_until(self._ok, timeout=self.STARTUP_TIMEOUT, what="redis cluster state ok",
+                   diagnostics=lambda: self._cli(self.ports[0], "cluster", "info").stdout)
+
+    def _ok(self) -> bool:
+        return all("cluster_state:ok" in self._cli(p, "cluster", "info").stdout
+                   for p in self.ports)
+
+    def _cli(self, port: int, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([self.binaries["redis-cli"], "-h", LOOPBACK, "-p", str(port),
+                               *args], capture_output=True, text=True, timeout=30,
+                              check=False)
+
+    def node_of_slot(self, slot: int) -> int:
+        """The port of the primary that serves ``slot`` now."""
+        for line in self._cli(self.ports[0], "cluster", "nodes").stdout.splitlines():
+            fields = line.split()
+            if "master" not in fields[2]:
+                continue
+            for part in fields[8:]:
+                low, _, high = part.partition("-")
+                if low.isdigit() and int(low) <= slot <= int(high or low):
+                    return int(fields[1].split(":")[1].split("@")[0])
+        raise PrivateServerError(f"no node serves slot {slot}")
+
+    def node_id(self, port: int) -> str:
+        return self._cli(port, "cluster", "myid").stdout.strip()
+
+    def move_slot(self, slot: int, to_port: int) -> None:
+        """Migrate one slot, keys and all, to the node on ``to_port``, as
+        ``redis-cli --cluster reshard`` does (MIGRATING/IMPORTING, MIGRATE, SETSLOT NODE):
+        clients meanwhile get ASK and MOVED redirections."""
+        source = self.node_of_slot(slot)
+        if source == to_port:
+            return
+        source_id, target_id = self.node_id(source), self.node_id(to_port)
+        self._check(self._cli(to_port, "cluster", "setslot", str(slot), "importing",
+                              source_id))
+        self._check(self._cli(source, "cluster", "setslot", str(slot), "migrating",
+                              target_id))
+        while True:
+            listed = self._cli(source, "cluster", "getkeysinslot", str(slot), "100")
+            names = [k for k in listed.stdout.splitlines() if k]
+            if not names:
+                break
+            self._check(self._cli(source, "migrate", LOOPBACK, str(to_port), "", "0", "5000",
+                                  "keys", *names))
+        for port in self.ports:
+            self._check(self._cli(port, "cluster", "setslot", str(slot), "node", target_id))
+
+    @staticmethod
+    def _check(done: subprocess.CompletedProcess[str]) -> None:
+        if done.returncode != 0 or done.stdout.startswith(("ERR", "(error)")):
+            raise PrivateServerError(f"{done.args}: {done.stdout} {done.stderr}")
+
+    def reshard(self, from_port: int, to_port: int, slots: int) -> None:
+        """``redis-cli --cluster reshard``: move ``slots`` slots between two nodes."""
+        done = subprocess.run(
+            [self.binaries["redis-cli"], "--cluster", "reshard", f"{LOOPBACK}:{from_port}",
+             "--cluster-from", self.node_id(from_port), "--cluster-to", self.node_id(to_port),
+             "--cluster-slots", str(slots), "--cluster-yes"],
+            capture_output=True, text=True, timeout=120, check=False)
+        if done.returncode != 0:
+            raise PrivateServerError(f"reshard failed:\n{done.stdout}\n{done.stderr}")
+
+    def close(self) -> None:
+        for process in self.nodes:
+            process.kill()
+        self.nodes = []
+        shutil.rmtree(self.base_dir, ignore_errors=True)

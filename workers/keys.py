@@ -7,12 +7,18 @@ webhooks whose order id names no product are serialized there.
 
 from __future__ import annotations
 
+import os
+import re
 import secrets
 
 from flashsale.limits import parse_id
 
 CATALOG = 0
-PREFIX = "fs"
+# Every key starts with this. Deployments that share one Redis Cluster as their data
+# plane each set their own (REDIS_KEY_PREFIX); it is read once, when the process starts.
+PREFIX = os.environ.get("REDIS_KEY_PREFIX") or "fs"
+if not re.fullmatch(r"[A-Za-z0-9_.-]{1,32}", PREFIX):
+    raise SystemExit(f"REDIS_KEY_PREFIX must be 1-32 of A-Z a-z 0-9 _ . -, got {PREFIX!r}")
 
 DRAIN_QUEUE = "drain"
 MAINTENANCE_QUEUE = "maintenance"
