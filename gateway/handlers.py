@@ -66,9 +66,14 @@ async def read_json(request: web.Request) -> Any:
 
 
 def preference(request: web.Request) -> Preference:
+    """The client's Prefer header. Preferences we do not know, or values we cannot use,
+    are ignored (RFC 7240); bytes that are not printable ASCII are a 400."""
     settings = request.app[SETTINGS]
-    return Preference.parse(request.headers.getall("Prefer", []),
-                            settings.default_wait_seconds, settings.max_wait_seconds)
+    values = request.headers.getall("Prefer", [])
+    if not all(is_visible_ascii(value) for value in values):
+        raise ProblemError(problem(400, "Invalid Prefer header",
+                                   "Prefer must be printable ASCII", slug="invalid-prefer"))
+    return Preference.parse(values, settings.default_wait_seconds, settings.max_wait_seconds)
 
 
 def respond(answer: Answer, prefer: Preference, location: str | None = None) -> web.Response:
@@ -121,7 +126,7 @@ def _positive_int(raw: str, what: str) -> int:
 async def create_hold(request: web.Request) -> web.Response:
     settings = request.app[SETTINGS]
     customer = token_customer(request)
-    key = idempotency_key(request)
+    key, prefer = idempotency_key(request), preference(request)
     no_tokens = settings.customer_jwt_secret is None
     schema = schemas.hold_schema(settings.max_qty_per_hold, customer_in_body=no_tokens,
                                  customer_required=no_tokens and
@@ -135,7 +140,7 @@ async def create_hold(request: web.Request) -> web.Response:
         args["customer_id"] = customer
     write = Write(product_id=product_id, op="hold", resource="hold_id", admission_qty=qty,
                   args=args, **keyed(idempotency_scope("holds", customer), key, body))
-    return await queue_write(request, write, "/api/holds/{hold_id}")
+    return await queue_write(request, write, "/api/holds/{hold_id}", prefer)
 
 
 async def get_hold(request: web.Request) -> web.Response:
@@ -146,7 +151,7 @@ async def get_hold(request: web.Request) -> web.Response:
 
 async def create_order(request: web.Request) -> web.Response:
     customer = token_customer(request)
-    key = idempotency_key(request)
+    key, prefer = idempotency_key(request), preference(request)
     body = schemas.load(schemas.OrderRequest(), await read_json(request))
     await rate_limit(request, customer)
     product_id = keys.parse_partition(body["hold_id"], "hold")
@@ -158,17 +163,17 @@ async def create_order(request: web.Request) -> web.Response:
     write = Write(product_id=product_id, op="order", resource="order_id", must_exist=True,
                   unknown=not_found("Hold", body["hold_id"]), args=args,
                   **keyed(idempotency_scope("orders", customer), key, body))
-    return await queue_write(request, write, "/api/orders/{order_id}")
+    return await queue_write(request, write, "/api/orders/{order_id}", prefer)
 
 
 async def get_order(request: web.Request) -> web.Response:
     return await _view(request, "order_id", "ord", "Order", reads.order_view)
 
 
-async def queue_write(request: web.Request, write: Write, location: str | None = None
-                      ) -> web.Response:
+async def queue_write(request: web.Request, write: Write, location: str | None = None,
+                      prefer: Preference | None = None) -> web.Response:
     """Submit a queued write and answer as the client's Prefer header asks."""
-    prefer = preference(request)
+    prefer = prefer or preference(request)
     return respond(await submit(request.app, write, prefer.wait), prefer, location)
 
 
@@ -205,6 +210,13 @@ async def get_job(request: web.Request) -> web.Response:
         if result is None:
             raise ProblemError(not_found("Job", job_id))
         status = "done"
+    if result is not None and "Authorization" in request.headers:
+        # A job id is a capability, but with customer tokens a customer never sees
+        # another's hold or order through it either.
+        customer = token_customer(request)
+        owner = result.get("body", {}).get("customer_id")
+        if customer is not None and owner is not None and owner != customer:
+            raise ProblemError(not_found("Job", job_id))
     body: dict[str, Any] = {"job_id": job_id, "status": status}
     if result is not None:
         body["result"] = result
