@@ -4,13 +4,16 @@ run."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import logging
 import os
-import secrets
+import signal
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any, cast
+
+import orjson
 
 from flashsale import embedded, logs
 from flashsale.config import Settings
@@ -137,16 +140,15 @@ def cmd_refunds(args: argparse.Namespace) -> None:
 
 def cmd_dead_letters(args: argparse.Namespace) -> None:
     """Requests the writer set aside; --replay ID queues one again."""
-    import redis
-
     from flashsale.clock import rfc3339
     from workers import deadletters
+    from workers.planes import Planes
 
     settings = load_settings()
     init_database(settings)
     if args.replay is not None:
-        conn = redis.Redis.from_url(settings.redis_url)
-        if not deadletters.replay(conn, args.replay, settings.job_ttl_seconds):
+        planes = Planes.connect(settings)
+        if not deadletters.replay(planes, args.replay, settings.job_ttl_seconds):
             raise SystemExit(f"no dead letter {args.replay} waiting for a replay")
         print(f"dead letter {args.replay} queued again")
         return
@@ -160,6 +162,102 @@ def cmd_dead_letters(args: argparse.Namespace) -> None:
     print(f"{len(rows)} dead letter(s)" + ("" if args.all else " waiting"))
 
 
+def cmd_customers(args: argparse.Namespace) -> None:
+    """Who holds or bought how many units of a product (units that count for the limit)."""
+    from flashsale.clock import now_ms
+    from models import Hold, HoldStatus, Order, OrderStatus
+
+    settings = load_settings_without_redis()
+    init_database(settings)
+    now = now_ms()
+    units: dict[str, dict[str, int]] = {}
+    held = (Hold.select(Hold.customer_id, pw_sum(Hold.qty))
+            .where((Hold.product == args.product_id) & Hold.customer_id.is_null(False)
+                   & (Hold.status == HoldStatus.ACTIVE) & (Hold.expires_at > now))
+            .group_by(Hold.customer_id).tuples())
+    for who, qty in cast(Iterable[tuple[str, int]], held):
+        units.setdefault(who, {"held": 0, "pending": 0, "paid": 0})["held"] = int(qty)
+    ordered = (Order.select(Order.customer_id, Order.status, pw_sum(Order.qty))
+               .where((Order.product == args.product_id) & Order.customer_id.is_null(False)
+                      & (((Order.status == OrderStatus.PENDING_PAYMENT) & (Order.pay_by > now))
+                         | (Order.status == OrderStatus.PAID)))
+               .group_by(Order.customer_id, Order.status).tuples())
+    for who, status, qty in cast(Iterable[tuple[str, str, int]], ordered):
+        column = "paid" if status == OrderStatus.PAID else "pending"
+        units.setdefault(who, {"held": 0, "pending": 0, "paid": 0})[column] = int(qty)
+    ranked = sorted(units.items(), key=lambda item: (-sum(item[1].values()), item[0]))
+    print(f"{'customer':<40} {'held':>6} {'pending':>8} {'paid':>6} {'total':>6}")
+    for who, row in ranked[:args.limit]:
+        print(f"{who:<40} {row['held']:>6} {row['pending']:>8} {row['paid']:>6} "
+              f"{sum(row.values()):>6}")
+    print(f"{len(units)} customer(s) with units of product {args.product_id}")
+
+
+def cmd_rate_limited(args: argparse.Namespace) -> None:
+    """Clients refused by the rate limit in the last minutes, most refused first."""
+    import time
+
+    import redis
+
+    from gateway.customers import refused_key
+
+    settings = load_settings()
+    conn = redis.Redis.from_url(settings.redis_url)
+    minute = int(time.time() // 60)
+    totals: dict[str, float] = {}
+    for key in (refused_key(m) for m in range(minute - args.minutes + 1, minute + 1)):
+        rows = cast(list[tuple[bytes, float]], conn.zrange(key, 0, -1, withscores=True))
+        for client, count in rows:
+            name = client.decode(errors="replace")
+            totals[name] = totals.get(name, 0) + count
+    print(f"{'client':<60} {'refused':>8}")
+    for name, total in sorted(totals.items(), key=lambda item: -item[1])[:args.limit]:
+        print(f"{name:<60} {int(total):>8}")
+    print(f"{len(totals)} client(s) rate-limited in the last {args.minutes} minute(s)")
+
+
+def pw_sum(field: Any) -> Any:
+    import peewee
+
+    return peewee.fn.SUM(field)
+
+
+def cmd_audit(args: argparse.Namespace) -> None:
+    """Exit 0 when the database, the cache and the queues agree, 1 when anything drifts."""
+    from flashsale import audit
+    from workers.planes import Planes
+
+    settings = load_settings()
+    init_database(settings)
+    report = audit.run(Planes.connect(settings), product_ids=args.product,
+                       grace=args.grace, webhook_grace=args.webhook_grace, repair=args.repair)
+    if args.json:
+        sys.stdout.buffer.write(orjson.dumps(report.as_dict(), option=orjson.OPT_INDENT_2))
+        print()
+    else:
+        print(report.text())
+    sys.exit(0 if report.ok else 1)
+
+
+def cmd_inspect(args: argparse.Namespace) -> None:
+    """Queues, leases, drainers, the ready list and dead letters, as tables."""
+    from flashsale import inspect
+    from models import Product
+    from workers import deadletters
+    from workers.planes import Planes
+
+    settings = load_settings()
+    init_database(settings)
+    planes = Planes.connect(settings)
+    try:
+        product_ids = [p.id for p in Product.select(Product.id)]
+        dead: list[dict[str, Any]] | None = deadletters.list_dead(args.limit)
+    except Exception as exc:  # the queues are worth seeing even without the database
+        log.warning("database unavailable: %s", exc)
+        product_ids, dead = [], None
+    print(inspect.render(planes, product_ids, settings.job_ttl_seconds, dead, args.limit))
+
+
 def cmd_run(args: argparse.Namespace) -> None:
     """Everything on one machine: embedded Redis and SQLite unless told otherwise."""
     from honcho.manager import Manager
@@ -167,7 +265,9 @@ def cmd_run(args: argparse.Namespace) -> None:
     settings = load_settings()
     env = dict(os.environ, REDIS_URL=settings.redis_url, DATABASE_URL=settings.database_url,
                PORT=str(settings.port), PYTHONUNBUFFERED="1")
-    env.setdefault("ADMIN_TOKEN", settings.admin_token or secrets.token_urlsafe(16))
+    token_source = "ADMIN_TOKEN" if settings.admin_token else (
+        f"kept in {embedded.admin_token_path(settings.data_dir)}; ADMIN_TOKEN overrides it")
+    env["ADMIN_TOKEN"] = settings.admin_token or embedded.admin_token(settings.data_dir)
     os.environ.update(env)
     cmd_migrate(args)
     seeded = _seed_demo(settings)
@@ -183,6 +283,8 @@ flash-sale checkout is starting on {url}  (Ctrl-C stops it)
   database: {settings.database_url}
   redis:    {settings.redis_url}
   admin:    Authorization: Bearer {env['ADMIN_TOKEN']}
+            ({token_source})
+  docs:     {url}/docs    metrics: {url}/metrics
 
 Try it:
   curl -s {url}/api/products/{seeded}
@@ -190,12 +292,38 @@ Try it:
        -d '{{"product_id": {seeded}, "qty": 1}}'
 """, flush=True)
     try:
-        manager.loop()
+        with foreground():
+            manager.loop()
     finally:
         if not os.environ.get("FLASHSALE_KEEP_REDIS") and embedded.is_embedded(
                 settings.redis_url, settings.data_dir):
             embedded.stop(settings.data_dir)
-    sys.exit(manager.returncode)
+    # Ctrl-C (130) or SIGTERM (143) is how this is meant to stop: not a failure.
+    sys.exit(0 if manager.returncode in (130, 143) else manager.returncode)
+
+
+@contextlib.contextmanager
+def foreground() -> Iterator[None]:
+    """Make this process group the terminal's foreground group while it runs, so that
+    Ctrl-C reaches only `flashsale run` and its processes, not a `make` that started it
+    (make would print an error line for the interrupt)."""
+    fd = sys.stdin.fileno() if sys.stdin.isatty() else -1
+    before = os.tcgetpgrp(fd) if fd >= 0 else -1
+    if before != os.getpgrp():  # no terminal, or started in the background: leave it be
+        yield
+        return
+    ttou = signal.signal(signal.SIGTTOU, signal.SIG_IGN)  # a background group may not
+    try:  # change the foreground group without this
+        os.setpgid(0, 0)
+        os.tcsetpgrp(fd, os.getpgrp())
+    except OSError:  # a session leader already owns its terminal
+        pass
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            os.tcsetpgrp(fd, before)
+        signal.signal(signal.SIGTTOU, ttou)
 
 
 def _seed_demo(settings: Settings) -> int:
@@ -210,6 +338,24 @@ def _seed_demo(settings: Settings) -> int:
 
 
 DEMO = {"name": "Demo sneaker drop", "price_cents": 1999, "currency": "USD", "stock": 100}
+
+
+def add_audit_parser(sub: Any) -> None:
+    audit = sub.add_parser("audit", help="check that the database, the product cache and "
+                           "the queues agree; exit 1 on any discrepancy")
+    audit.add_argument("--json", action="store_true", help="one JSON document")
+    audit.add_argument("--repair", action="store_true",
+                       help="rewrite drifted caches from the database and wake stalled "
+                            "queues (never changes stock)")
+    audit.add_argument("--product", type=int, action="append",
+                       help="only this product (repeatable)")
+    audit.add_argument("--grace", type=float, default=2.0,
+                       help="seconds between the reads of a product that looks off while "
+                            "it is being drained (default 2)")
+    audit.add_argument("--webhook-grace", type=float, default=10.0,
+                       help="a webhook pending this long after its order exists is "
+                            "reported (default 10 s)")
+    audit.set_defaults(func=cmd_audit)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -242,8 +388,23 @@ def main(argv: list[str] | None = None) -> None:
     dead.add_argument("--limit", type=int, default=50)
     dead.add_argument("--all", action="store_true", help="include replayed ones")
     dead.set_defaults(func=cmd_dead_letters)
+    customers = sub.add_parser("customers", help="top customers of a product: units held, "
+                               "on order and bought")
+    customers.add_argument("product_id", type=int)
+    customers.add_argument("--limit", type=int, default=20)
+    customers.set_defaults(func=cmd_customers)
+    limited = sub.add_parser("rate-limited", help="clients refused by the rate limit lately")
+    limited.add_argument("--minutes", type=int, default=10, choices=range(1, 61),
+                         metavar="1-60")
+    limited.add_argument("--limit", type=int, default=50)
+    limited.set_defaults(func=cmd_rate_limited)
     sub.add_parser("bench", help="load-test a deployment: flashsale bench --help "
                    "(docs/BENCHMARKS.md)")
+    add_audit_parser(sub)
+    inspect = sub.add_parser("inspect", help="queues, in-flight batches, leases, drainers, "
+                             "the ready list and dead letters, as tables")
+    inspect.add_argument("--limit", type=int, default=50, help="rows per table (default 50)")
+    inspect.set_defaults(func=cmd_inspect)
     run = sub.add_parser("run", help="all-in-one local mode (web, workers, scheduler)")
     run.add_argument("--workers", type=int, default=2)
     run.set_defaults(func=cmd_run)

@@ -2,6 +2,7 @@
 
 Started once per data directory, on a Unix socket, with AOF so queued requests survive
 a restart. Any process that finds REDIS_URL unset connects to it (starting it if needed).
+The admin token of `flashsale run` is kept in the same directory.
 """
 
 from __future__ import annotations
@@ -9,10 +10,13 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import secrets
 import subprocess
 import time
 
 import redis
+
+ADMIN_TOKEN_FILE = "admin_token"
 
 
 def redis_url(data_dir: str) -> str:
@@ -68,3 +72,23 @@ def stop(data_dir: str) -> None:
     if _alive(url):
         with contextlib.suppress(redis.ConnectionError):  # it hangs up as it exits
             redis.Redis.from_url(url).shutdown()
+
+
+def admin_token_path(data_dir: str) -> str:
+    return os.path.join(os.path.abspath(data_dir), ADMIN_TOKEN_FILE)
+
+
+def admin_token(data_dir: str) -> str:
+    """The admin token of local runs, kept beside the embedded data (mode 600), so that
+    it survives restarts: made once, read back after that."""
+    path = admin_token_path(data_dir)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with contextlib.suppress(FileNotFoundError), open(path) as kept:
+        token = kept.read().strip()
+        if token:
+            return token
+    token = secrets.token_urlsafe(24)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as out:
+        out.write(token + "\n")
+    return token

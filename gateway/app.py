@@ -18,7 +18,8 @@ import models
 from flashsale import logs
 from flashsale.config import Settings
 from flashsale.problems import problem
-from gateway import handlers, openapi
+from gateway import docs, handlers, openapi
+from gateway.customers import add_rate_headers
 from gateway.errors import problem_middleware, problem_response
 from gateway.metrics import CONTENT_TYPE, Metrics, metrics_middleware
 from gateway.pipeline import AutoPipeline
@@ -42,7 +43,7 @@ REDIS_MAX_CONNECTIONS = 256
 
 
 def create_app(settings: Settings) -> web.Application:
-    metrics = Metrics()
+    metrics = Metrics(settings.job_ttl_seconds)
     access = logs.access_log()
 
     def log_request(request: web.Request, status: int, seconds: float) -> None:
@@ -54,12 +55,14 @@ def create_app(settings: Settings) -> web.Application:
     app[SETTINGS] = settings
     app[METRICS] = metrics
     app[FILLING] = {}
+    app.on_response_prepare.append(add_rate_headers)
     app.cleanup_ctx.append(_database)
     app.cleanup_ctx.append(_redis)
     handlers.add_routes(app)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/metrics", metrics_endpoint)
     app.router.add_get("/api/openapi.json", openapi_endpoint)
+    docs.add_routes(app)
     return app
 
 
