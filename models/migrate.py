@@ -63,12 +63,22 @@ def _v3_customers() -> None:
                                               False))
 
 
+def _v4_idempotency_partition() -> None:
+    """Idempotency records carry their product, like every table a product's transaction
+    writes, so that the schema can be sharded by product (docs/SCALING.md)."""
+    migrator = SchemaMigrator.from_database(db.obj)
+    table = IdempotencyRecord._meta.table_name
+    if "product_id" not in {c.name for c in db.get_columns(table)}:
+        migrate_schema(migrator.add_column(table, "product_id", IdempotencyRecord.product_id))
+
+
 # Append new steps; never edit an applied one. A step uses playhouse.migrate to add
 # columns or indexes so existing rows are kept.
 STEPS: list[tuple[int, Callable[[], None]]] = [
     (1, _v1_create_tables),
     (2, _v2_dead_letters_and_catalog_lock),
     (3, _v3_customers),
+    (4, _v4_idempotency_partition),
 ]
 
 

@@ -125,6 +125,7 @@ class IdempotencyRecord(BaseModel):
     """An Idempotency-Key, once its request is committed; survives a Redis restart."""
 
     id = pw.CharField(max_length=300, primary_key=True)  # "<scope>:<key>"
+    product_id = pw.BigIntegerField(null=True)  # the partition (shard key); migration 4
     fingerprint = pw.CharField(max_length=64)
     request_id = pw.CharField(max_length=64, unique=True)
     created_at = pw.BigIntegerField(index=True)

@@ -11,10 +11,11 @@ is retried one request per transaction, so only the offending request fails.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any, TypeVar
+from typing import Any
 
 import orjson
 import peewee as pw
@@ -51,6 +52,7 @@ class Outcome:
     product: dict[str, Any] | None
     revised: dict[str, Result] = field(default_factory=dict)
     dead: list[DeadRequest] = field(default_factory=list)  # set aside, answered alone
+    commit_seconds: float = 0.0  # the COMMIT of its transaction(s)
 
 
 def apply_batches(batches: dict[int, list[Request]], policy: Policy) -> dict[int, Outcome]:
@@ -88,6 +90,7 @@ def apply_batch(product_id: int, requests: list[Request], policy: Policy) -> Out
     for req in requests:
         try:
             one = _transaction(partial(_apply_many, {product_id: [req]}, policy))[product_id]
+            outcome.commit_seconds += one.commit_seconds
         except Exception as exc:
             if database_unavailable(exc):
                 raise
@@ -100,17 +103,22 @@ def apply_batch(product_id: int, requests: list[Request], policy: Policy) -> Out
     return outcome
 
 
-T = TypeVar("T")
 DEADLOCK_RETRIES = 3
 
 
-def _transaction(work: Callable[[], T]) -> T:
+def _transaction(work: Callable[[], dict[int, Outcome]]) -> dict[int, Outcome]:
     """``work`` in one transaction, run again when the database chose it as a deadlock
-    victim or timed out a lock wait (concurrent inserts into shared indexes can)."""
+    victim or timed out a lock wait (concurrent inserts into shared indexes can). The
+    outcomes learn how long the COMMIT took."""
     for attempt in range(DEADLOCK_RETRIES):
         try:
             with atomic():
-                return work()
+                outcomes = work()
+                committing = time.perf_counter()
+            commit_seconds = time.perf_counter() - committing
+            for outcome in outcomes.values():
+                outcome.commit_seconds = commit_seconds
+            return outcomes
         except pw.OperationalError as exc:
             if not exc.args or exc.args[0] not in (1205, 1213) or \
                     attempt == DEADLOCK_RETRIES - 1:
@@ -363,8 +371,8 @@ def _write(done: list[tuple[Ledger, int, list[Request]]]) -> None:
                       "request_id", "customer_id"),
             [(h.id, h.product_id, h.qty, str(h.status), h.created_at, h.expires_at,
               h.request_id, h.customer_id) for lg, _, _ in done for h in lg.new_holds])
-    for ledger, _, _ in done:
-        _write_rest(ledger)
+    for ledger, pid, _ in done:
+        _write_rest(ledger, pid)
     _insert("requests", ("id", "product_id", "op", "status_code", "body", "created_at"),
             [(r.id, pid, r.op, lg.answers[r.id].status,
               orjson.dumps(lg.answers[r.id].body).decode(), lg.now)
@@ -383,7 +391,7 @@ def _update_products(products: list[ProductState]) -> None:
             + [v for p in chunk for v in (p.id, p.reserved)] + [p.id for p in chunk])
 
 
-def _write_rest(ledger: Ledger) -> None:
+def _write_rest(ledger: Ledger, product_id: int) -> None:
     new_ids = {h.id for h in ledger.new_holds}
     _update_status(Hold, [ledger.holds[i] for i in ledger.dirty_holds if i not in new_ids])
     for rows in _chunks([{"id": o.id, "hold": o.hold_id, "product": o.product_id, "qty": o.qty,
@@ -409,7 +417,8 @@ def _write_rest(ledger: Ledger) -> None:
             .where(RequestRecord.id == request_id).execute()
     if ledger.new_idempotency:
         IdempotencyRecord.insert_many(
-            [{"id": k, "fingerprint": fp, "request_id": rid, "created_at": ledger.now}
+            [{"id": k, "fingerprint": fp, "request_id": rid, "created_at": ledger.now,
+              "product_id": product_id}
              for k, (fp, rid) in ledger.new_idempotency.items()]).execute()
 
 

@@ -34,8 +34,17 @@ def envelope_of(request: Request) -> Envelope:
     return Envelope(id=request.id, op=request.op, args=request.args, idem=request.idem)
 
 
+# The scheduler pushes these again every sweep: one failing for good is kept once, not
+# once a second, until an operator has looked (replayed it).
+RECURRING_OPS = ("expire", "retry_webhooks")
+
+
 def record(dead: DeadRequest, now: int) -> None:
     """Keep ``dead`` (inside the caller's transaction)."""
+    if dead.request.op in RECURRING_OPS and DeadLetter.select().where(
+            (DeadLetter.product_id == dead.product_id) & (DeadLetter.op == dead.request.op)
+            & DeadLetter.replayed_at.is_null()).exists():
+        return
     DeadLetter.insert(request_id=dead.request.id, product_id=dead.product_id,
                       op=dead.request.op[:32],
                       envelope=envelope_of(dead.request).encode().decode(errors="replace"),

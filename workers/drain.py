@@ -17,7 +17,7 @@ from rq import get_current_job
 
 from flashsale.config import Settings
 from flashsale.problems import problem
-from workers import keys
+from workers import keys, stats
 from workers.apply import Outcome, apply_batches
 from workers.decide import Policy, Request, Result
 from workers.planes import (
@@ -49,6 +49,8 @@ __all__ = ["HEARTBEAT_MS", "READY_KEYS", "Drainer", "drain", "enqueue_drain_job"
 # A drain job hands over to a fresh one after this long, so that the maintenance queue
 # (expiry sweeps) gets a worker between drain jobs even during a long rush.
 DRAIN_JOB_SECONDS = 2.0
+# Queue waits are measured on one round in this many (it costs a round trip).
+QUEUE_WAIT_SAMPLE = 10
 # An idle drain job waits this long for a product to become ready before it leaves.
 LINGER_SECONDS = 0.1
 # A round applies at most this many BATCH_SIZE batches' worth of requests, shared by its
@@ -143,6 +145,7 @@ class Drainer:
         self.policy = self.policy_of(config)
         self.held: list[int] = []  # products whose lease it holds, with work left
         self.others_waiting = 0  # products on the ready list, seen after the last round
+        self.rounds = 0
         self._take = self.data.register_script(TAKE)
         self._finish = self.data.register_script(FINISH)
         self._release = self.data.register_script(RELEASE)
@@ -205,6 +208,12 @@ class Drainer:
         for pid, raw in batches.items():
             envelopes[pid], unreadable[pid] = _decode(raw)
             requests[pid] = _unique(envelopes[pid])
+        self.rounds += 1
+        waited = None
+        if self.rounds % QUEUE_WAIT_SAMPLE == 1:  # one round in ten: one more round trip
+            waited = stats.queue_wait_seconds(
+                self.data, [env[0].id for env in envelopes.values() if env],
+                self.config.job_ttl_seconds)
         outcomes = apply_batches(requests, self.policy)
         committed = time.perf_counter()
         calls = []
@@ -218,7 +227,14 @@ class Drainer:
         control = pipe if self.data is self.conn else self.conn.pipeline(transaction=False)
         for finish_keys, finish_argv in calls:
             evalsha(pipe, self._finish.sha, finish_keys, finish_argv)
-        granted, refused = self.count(control, envelopes, outcomes, committed - started)
+        granted, refused = self.count(control, envelopes, outcomes)
+        stats.record_batch(
+            control, size=size, apply_seconds=committed - started,
+            commit_seconds=max((o.commit_seconds for o in outcomes.values()), default=0.0),
+            queue_wait_seconds=waited,
+            outcomes=stats.tally((env.op, result.status, result.body)
+                                 for pid, outcome in outcomes.items() for env in envelopes[pid]
+                                 if (result := outcome.results.get(env.id)) is not None))
         control.zadd(keys.DRAINERS, {self.name: int(time.time() * 1000)})  # heartbeat
         control.llen(keys.READY)
         replies = pipe.execute(raise_on_error=False)
@@ -292,21 +308,15 @@ class Drainer:
                             sorted(set(delete)), adders))
 
     def count(self, pipe: Any, envelopes: dict[int, list[Envelope]],
-              outcomes: dict[int, Outcome], apply_s: float) -> tuple[int, int]:
-        """Add the round to the shared counters that the gateway's /metrics exposes."""
-        granted = refused = size = dead = 0
+              outcomes: dict[int, Outcome]) -> tuple[int, int]:
+        """Holds granted and refused in the round (for the log), and the dead letters
+        (for the shared counter that /metrics exposes)."""
+        granted = refused = dead = 0
         for pid, batch in envelopes.items():
             holds = [_status(outcomes[pid], e.id) for e in batch if e.op == "hold"]
             granted += holds.count(201)
             refused += holds.count(409)
-            size += len(batch)
             dead += len(outcomes[pid].dead)
-        pipe.hincrby(keys.BATCH_STATS, "batches", 1)
-        pipe.hincrby(keys.BATCH_STATS, "requests", size)
-        pipe.hincrby(keys.BATCH_STATS, f"size_le_{_bucket(size)}", 1)
-        pipe.hincrby(keys.BATCH_STATS, "holds_granted", granted)
-        pipe.hincrby(keys.BATCH_STATS, "holds_refused_worker", refused)
-        pipe.hincrbyfloat(keys.BATCH_STATS, "apply_seconds", apply_s)
         if dead:
             pipe.incrby(keys.DEAD_LETTERS, dead)
         return granted, refused
@@ -320,16 +330,6 @@ def _unique(batch: list[Envelope]) -> list[Request]:
             seen.add(env.id)
             requests.append(Request(id=env.id, op=env.op, args=env.args, idem=env.idem))
     return requests
-
-
-BATCH_BUCKETS = (1, 5, 10, 25, 50, 100, 200, 500, 1000)
-
-
-def _bucket(size: int) -> str:
-    for bound in BATCH_BUCKETS:
-        if size <= bound:
-            return str(bound)
-    return "inf"
 
 
 def _decode(raw: list[bytes]) -> tuple[list[Envelope], dict[str, Result]]:

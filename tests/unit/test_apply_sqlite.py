@@ -238,3 +238,15 @@ def test_the_catalog_partition_applies_under_its_own_lock_row() -> None:
     outcome = apply_batch(keys.CATALOG, [webhook(keys.CATALOG, "evt-x", "not-ours")], POLICY)
 
     assert [r.status for r in outcome.results.values()] == [202]
+
+
+def test_a_sweep_that_fails_for_good_is_kept_once_not_every_second() -> None:
+    pid = make_product(stock=10, reserved=0)
+    # Drift behind the service's back: an active hold whose units are not reserved.
+    Hold.create(id=keys.new_id("hold", pid), product=pid, qty=2, status=HoldStatus.ACTIVE,
+                created_at=now_ms() - 10_000, expires_at=now_ms() - 1_000,
+                request_id=keys.new_id("job", pid))
+    for _ in range(3):
+        sweep = Request(id=keys.new_id("job", pid), op="expire", args={})
+        assert apply_batch(pid, [sweep], POLICY).results[sweep.id].status == 409
+    assert models.DeadLetter.select().where(models.DeadLetter.product_id == pid).count() == 1
