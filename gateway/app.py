@@ -7,12 +7,7 @@ from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 
 import orjson
-import redis
-import redis.asyncio as aioredis
 from aiohttp import web
-from redis.asyncio.retry import Retry as AsyncRetry
-from redis.backoff import ExponentialBackoff
-from redis.retry import Retry
 
 import models
 from flashsale import logs
@@ -26,6 +21,7 @@ from gateway.pipeline import AutoPipeline
 from gateway.replies import ReplyHub
 from gateway.submit import Scripts
 from gateway.typedefs import (
+    CONTROL,
     EXECUTOR,
     FILLING,
     METRICS,
@@ -36,6 +32,7 @@ from gateway.typedefs import (
     SYNC_REDIS,
 )
 from workers import reads
+from workers.planes import AsyncPlanes, Planes
 
 # Concurrent waiters share these; a blocking pool makes requests queue for a connection
 # instead of failing when all are busy.
@@ -75,32 +72,35 @@ async def _database(app: web.Application) -> AsyncIterator[None]:
 
 
 async def _redis(app: web.Application) -> AsyncIterator[None]:
-    url = app[SETTINGS].redis_url
-    # A restarting Redis drops connections: retry for about 5 s before answering 503.
-    # A retried push may queue a request twice; the drainer applies each request id once.
-    pool = aioredis.BlockingConnectionPool.from_url(
-        url, max_connections=REDIS_MAX_CONNECTIONS, timeout=10, health_check_interval=30,
-        retry=AsyncRetry(ExponentialBackoff(cap=1.0, base=0.05), 8),
-        retry_on_error=[redis.ConnectionError, redis.TimeoutError])
-    conn = aioredis.Redis(connection_pool=pool)
-    app[REDIS] = conn
-    app[SYNC_REDIS] = redis.Redis.from_url(
-        url, retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), 8),
-        retry_on_error=[redis.ConnectionError, redis.TimeoutError])
-    app[SCRIPTS] = Scripts(AutoPipeline(conn))
-    app[REPLIES] = ReplyHub(conn)
+    """The two Redis planes (workers.planes); on one Redis they are the same client.
+
+    A restarting Redis drops connections: calls retry for about 5 s before the request
+    is answered 503. A retried push may queue a request twice; the drainer applies each
+    request id once.
+    """
+    settings = app[SETTINGS]
+    planes = AsyncPlanes.connect(settings, REDIS_MAX_CONNECTIONS)
+    await planes.open()
+    app[REDIS], app[CONTROL] = planes.data, planes.control
+    app[SYNC_REDIS] = Planes.connect(settings).control
+    data_pipe = AutoPipeline(planes.data)
+    control_pipe = data_pipe if not planes.clustered else AutoPipeline(planes.control)
+    app[SCRIPTS] = Scripts(data_pipe, control_pipe)
+    app[REPLIES] = ReplyHub(planes.data, sharded=planes.clustered)
     await app[REPLIES].start()
     yield
     await app[REPLIES].stop()
-    await conn.aclose()
-    await pool.disconnect()
+    await planes.close()
     app[SYNC_REDIS].close()
 
 
 async def healthz(request: web.Request) -> web.Response:
     checks = {}
     try:
-        checks["redis"] = bool(await asyncio.wait_for(request.app[REDIS].ping(), 2))
+        pings = [request.app[CONTROL].ping()]
+        if request.app[REDIS] is not request.app[CONTROL]:
+            pings.append(request.app[REDIS].ping())
+        checks["redis"] = all(await asyncio.wait_for(asyncio.gather(*pings), 2))
     except Exception:
         checks["redis"] = False
     try:
@@ -115,7 +115,7 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def metrics_endpoint(request: web.Request) -> web.Response:
-    body = await request.app[METRICS].render(request.app[REDIS])
+    body = await request.app[METRICS].render(request.app[CONTROL], request.app[REDIS])
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
 
 

@@ -19,7 +19,7 @@ from aiohttp import web
 from flashsale.limits import CUSTOMER_ID_PATTERN, is_visible_ascii
 from flashsale.problems import problem
 from gateway.errors import ProblemError
-from gateway.typedefs import METRICS, REDIS, SCRIPTS, SETTINGS
+from gateway.typedefs import CONTROL, METRICS, SCRIPTS, SETTINGS
 from workers import keys
 
 CUSTOMER_ID = re.compile(CUSTOMER_ID_PATTERN.strip("^$"), re.ASCII)
@@ -147,7 +147,7 @@ async def rate_limit(request: web.Request, customer: str | None) -> None:
 async def _remember_refusal(request: web.Request, client: str) -> None:
     """For ``flashsale rate-limited``: refusals per client and minute, kept an hour."""
     key = refused_key(int(time.time() // 60))
-    async with request.app[REDIS].pipeline(transaction=False) as pipe:
+    async with request.app[CONTROL].pipeline(transaction=False) as pipe:
         pipe.zincrby(key, 1, client)
         pipe.expire(key, REFUSED_TTL_S)
         await pipe.execute()

@@ -12,21 +12,22 @@ import asyncio
 import hashlib
 from typing import Any
 
-import redis.asyncio as aioredis
 from redis.exceptions import NoScriptError
 
 MAX_BATCH = 256
 
 
 class AutoPipeline:
-    def __init__(self, conn: aioredis.Redis, max_batch: int = MAX_BATCH) -> None:
+    def __init__(self, conn: Any, max_batch: int = MAX_BATCH) -> None:
+        """``conn``: a redis.asyncio client, standalone or cluster (whose pipeline splits
+        a batch by node and follows MOVED/ASK)."""
         self.conn = conn
         self.max_batch = max_batch
         self._pending: list[tuple[tuple[Any, ...], asyncio.Future[Any]]] = []
         self._flush_scheduled = False
         self._tasks: set[asyncio.Task[None]] = set()
         self._shas: dict[str, str] = {}
-        self._encoder = conn.connection_pool.get_encoder()
+        self._encoder = conn.get_encoder()
 
     async def execute(self, *command: Any) -> Any:
         """Run one command (``"HGETALL", key``) in the next pipeline; its reply.
@@ -36,7 +37,7 @@ class AutoPipeline:
         other callers whose commands share the pipeline.
         """
         encode = self._encoder.encode
-        encoded = tuple(encode(arg) for arg in command)
+        encoded = (command[0], *(encode(arg) for arg in command[1:]))  # the name stays str
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._pending.append((encoded, future))
         if len(self._pending) >= self.max_batch:

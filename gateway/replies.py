@@ -24,8 +24,11 @@ POLL_SECONDS = 1.0
 
 
 class ReplyHub:
-    def __init__(self, conn: aioredis.Redis) -> None:
+    def __init__(self, conn: Any, sharded: bool = False) -> None:
+        """``conn`` is the data plane; ``sharded`` (a Redis Cluster): SSUBSCRIBE, so that
+        only the node owning this gateway's channel carries its replies."""
         self.conn = conn
+        self.sharded = sharded
         self.channel = keys.reply_channel(secrets.token_hex(8))
         self._waiting: dict[str, asyncio.Future[dict[str, Any]]] = {}
         self._task: asyncio.Task[None] | None = None
@@ -44,6 +47,9 @@ class ReplyHub:
     async def _listen(self) -> None:
         while True:
             try:
+                if self.sharded:
+                    await self._listen_sharded()
+                    continue
                 async with self.conn.pubsub(ignore_subscribe_messages=True) as pubsub:
                     await pubsub.subscribe(self.channel)
                     self._ready.set()
@@ -54,6 +60,22 @@ class ReplyHub:
             except Exception as exc:  # Redis restarting: resubscribe; waiters poll meanwhile
                 log.warning("reply channel lost (%s); resubscribing", exc)
                 await asyncio.sleep(0.5)
+
+    async def _listen_sharded(self) -> None:
+        """Sharded pub/sub on a cluster: redis-py's ClusterPubSub finds the node that owns
+        the channel's slot, and follows it when the slot moves."""
+        pubsub = self.conn.pubsub()
+        try:
+            await pubsub.ssubscribe(self.channel)
+            self._ready.set()
+            while True:
+                message = await pubsub.get_sharded_message(ignore_subscribe_messages=True,
+                                                           timeout=1.0)
+                if message is not None and message.get("type") == "smessage":
+                    self._dispatch(message["data"])
+        finally:
+            with contextlib.suppress(Exception):
+                await pubsub.aclose()
 
     def _dispatch(self, data: bytes) -> None:
         for job_id, result in orjson.loads(data):

@@ -24,7 +24,6 @@ from gateway.typedefs import (
     EXECUTOR,
     FILLING,
     METRICS,
-    REDIS,
     REPLIES,
     SCRIPTS,
     SETTINGS,
@@ -32,10 +31,11 @@ from gateway.typedefs import (
 )
 from workers import keys, reads
 from workers.client import WAKE_TTL_MS
-from workers.drain import HEARTBEAT_MS, READY_KEYS, enqueue_drain_job
+from workers.planes import HEARTBEAT_MS, READY_KEYS, enqueue_drain_job
 from workers.protocol import (
     FILL,
     KEYED,
+    MISSING,
     MUST_EXIST,
     PUSH,
     READY,
@@ -59,10 +59,12 @@ MISSING_TTL_MS = 5000
 
 
 class Scripts:
-    """The gateway's Lua scripts, sent with other requests' commands in one pipeline."""
+    """The gateway's Lua scripts, sent with other requests' commands in one pipeline:
+    ``pipe`` on the data plane, ``control`` (the same one on a single Redis) for READY."""
 
-    def __init__(self, pipe: AutoPipeline) -> None:
+    def __init__(self, pipe: AutoPipeline, control: AutoPipeline | None = None) -> None:
         self.pipe = pipe
+        self.control = control or pipe
 
     async def push(self, keys: list[str], args: list[Any]) -> Any:
         return await self.pipe.evalsha(PUSH, keys, args)
@@ -74,7 +76,7 @@ class Scripts:
         return await self.pipe.evalsha(CLAIM, keys, args)
 
     async def ready(self, keys: list[str], args: list[Any]) -> Any:
-        return await self.pipe.evalsha(READY, keys, args)
+        return await self.control.evalsha(READY, keys, args)
 
 
 @dataclass(frozen=True)
@@ -250,7 +252,7 @@ def _resource(write: Write) -> tuple[str, str] | None:
 
 async def _wake(app: web.Application, product_id: int) -> None:
     """Put the product on the ready list; enqueue an rq drain job only if one is needed
-    (see workers.drain.wake)."""
+    (see workers.planes.wake)."""
     if await app[SCRIPTS].ready(keys=READY_KEYS, args=[product_id, HEARTBEAT_MS]):
         loop = asyncio.get_running_loop()  # rq is synchronous
         await loop.run_in_executor(app[EXECUTOR], enqueue_drain_job, app[SYNC_REDIS])
@@ -272,13 +274,8 @@ async def cache_product(app: web.Application, product_id: int) -> dict[str, Any]
 async def _fill(app: web.Application, product_id: int) -> dict[str, Any] | None:
     loop = asyncio.get_running_loop()
     view = await loop.run_in_executor(app[EXECUTOR], reads.product_view, product_id)
-    conn = app[REDIS]
-    key = keys.product(product_id)
-    if view is None:
-        async with conn.pipeline(transaction=True) as pipe:
-            pipe.hsetnx(key, "missing", 1)
-            pipe.pexpire(key, MISSING_TTL_MS)
-            await pipe.execute()
+    if view is None:  # remembered for a few seconds: a flood of unknown ids reads once
+        await app[SCRIPTS].pipe.evalsha(MISSING, [keys.product(product_id)], [MISSING_TTL_MS])
         return None
     flat: list[Any] = []
     for name, value in product_fields(view).items():

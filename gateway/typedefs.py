@@ -18,7 +18,11 @@ if TYPE_CHECKING:
     from gateway.submit import Scripts
 
 SETTINGS = web.AppKey("settings", Settings)
-REDIS = web.AppKey("redis", aioredis.Redis)
+# The data plane (workers.planes): product keys, jobs, idempotency keys, replies. A
+# redis.asyncio.Redis, or a redis.asyncio.cluster.RedisCluster with REDIS_CLUSTER_URL.
+REDIS: web.AppKey[Any] = web.AppKey("redis")
+# The control plane: the ready list, rq, the shared counters.
+CONTROL = web.AppKey("control", aioredis.Redis)
 # rq is synchronous: drain jobs are enqueued through this client, from the executor.
 SYNC_REDIS = web.AppKey("sync_redis", redis.Redis)
 EXECUTOR = web.AppKey("executor", ThreadPoolExecutor)

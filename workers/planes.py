@@ -106,6 +106,11 @@ class AsyncPlanes:
             retry=_async_retry(), retry_on_error=RETRY_ERRORS)
         return cls(control, data, clustered=True)
 
+    async def open(self) -> None:
+        """Learn the cluster's slots before the first command (pub/sub needs them)."""
+        if self.clustered:
+            await self.data.initialize()
+
     async def close(self) -> None:
         await self.control.aclose()
         await self.control.connection_pool.disconnect()

@@ -148,6 +148,15 @@ end
 return 1
 """
 
+# missing: KEYS product; ARGV ms. "No such product", for a while, unless a drainer or a
+# fill has cached the product meanwhile (then nothing changes).
+MISSING = """
+if redis.call('HEXISTS', KEYS[1], 'stock') == 1 then return 0 end
+redis.call('HSET', KEYS[1], 'missing', 1)
+redis.call('PEXPIRE', KEYS[1], ARGV[1])
+return 1
+"""
+
 # release: KEYS lease; ARGV token. Compare-and-delete.
 RELEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end

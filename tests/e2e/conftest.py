@@ -11,6 +11,7 @@ When a test fails, the tail of its instance's process logs is added to the repor
 
 from __future__ import annotations
 
+import os
 import secrets
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -19,18 +20,34 @@ import aiohttp
 import pytest
 
 from tests.e2e.harness import Api, ServiceFactory, ServiceInstance
+from tests.private_servers import PrivateRedisCluster
 from tests.services import require_mysql, require_redis
 
 SHORT_TTL = {"HOLD_TTL_SECONDS": "2", "ORDER_PAYMENT_TTL_SECONDS": "3"}
 WEBHOOK_SECRET = secrets.token_hex(16)
 
 
+def cluster_variant() -> bool:
+    """``FLASHSALE_E2E_CLUSTER=1``: every instance's data plane on a private Redis Cluster."""
+    return os.environ.get("FLASHSALE_E2E_CLUSTER", "").strip() not in ("", "0")
+
+
 @pytest.fixture(scope="session")
-def service_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceFactory]:
+def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrivateRedisCluster]:
+    """A local 3-primary Redis Cluster, started for the session and removed after it."""
+    with PrivateRedisCluster(tmp_path_factory.mktemp("redis-cluster")) as cluster:
+        yield cluster
+
+
+@pytest.fixture(scope="session")
+def service_factory(tmp_path_factory: pytest.TempPathFactory,
+                    request: pytest.FixtureRequest) -> Iterator[ServiceFactory]:
+    cluster = request.getfixturevalue("redis_cluster") if cluster_variant() else None
     factory = ServiceFactory(
         mysql_url=require_mysql(),
         redis_url=require_redis(),
         log_root=tmp_path_factory.mktemp("e2e-services"),
+        cluster_url=cluster.url if cluster is not None else None,
     )
     try:
         yield factory

@@ -32,6 +32,7 @@ import pymysql
 import pytest
 import redis
 from multidict import CIMultiDict
+from redis.cluster import RedisCluster
 
 from bench import procs
 from bench.procs import free_port, tail
@@ -174,6 +175,17 @@ class ServiceInstance:
     def __repr__(self) -> str:
         return f"ServiceInstance({self.name!r}, {self.web_urls})"
 
+    def data_redis(self) -> Any:
+        """A client of the instance's data plane: its Redis Cluster, else its Redis."""
+        if self.env.get("REDIS_CLUSTER_URL"):
+            return RedisCluster.from_url(self.env["REDIS_CLUSTER_URL"])
+        return redis.Redis.from_url(self.env["REDIS_URL"])
+
+    def key(self, name: str) -> str:
+        """``name`` (made by workers.keys in this process) as the instance spells it."""
+        prefix = self.env.get("REDIS_KEY_PREFIX")
+        return f"{prefix}:{name.partition(':')[2]}" if prefix else name
+
     def setting(self, name: str) -> int:
         """An integer setting of this instance, e.g. ``setting("HOLD_TTL_SECONDS")``."""
         return int(self.env[name])
@@ -281,10 +293,14 @@ class _Resources:
 class ServiceFactory:
     """Hands out running instances; one per distinct (label, environment overrides)."""
 
-    def __init__(self, mysql_url: str, redis_url: str, log_root: Path) -> None:
+    def __init__(self, mysql_url: str, redis_url: str, log_root: Path,
+                 cluster_url: str | None = None) -> None:
         self.mysql_url = mysql_url
         self.redis_url = redis_url
         self.log_root = log_root
+        # With a Redis Cluster, every instance's data plane lives there under its own
+        # REDIS_KEY_PREFIX (the control plane stays on a database of redis_url).
+        self.cluster_url = cluster_url
         self._instances: dict[tuple[Any, ...], ServiceInstance] = {}
         self._resources: dict[str, _Resources] = {}
         self._failures: dict[tuple[Any, ...], str] = {}
@@ -329,6 +345,10 @@ class ServiceFactory:
         redis_db = self._claim_redis_db()
         name = f"{label}-{database.removeprefix('fs_e2e_')}"
         log_dir = self.log_root / name
+        if self.cluster_url is not None:
+            overrides = {"REDIS_CLUSTER_URL": self.cluster_url,
+                         "REDIS_KEY_PREFIX": "e2e-" + database.removeprefix("fs_e2e_")[:24],
+                         **overrides}
         env = instance_env(
             database_url=procs.with_database(self.mysql_url, database),
             redis_url=procs.with_redis_db(self.redis_url, redis_db),

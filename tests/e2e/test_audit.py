@@ -62,7 +62,7 @@ def sql(instance: ServiceInstance, statement: str, *params: Any) -> int:
 
 
 def redis_of(instance: ServiceInstance) -> redis.Redis:
-    return redis.Redis.from_url(instance.env["REDIS_URL"])
+    return instance.data_redis()
 
 
 @contextlib.contextmanager
@@ -165,7 +165,7 @@ async def test_audit_repairs_a_drifted_cache(http: aiohttp.ClientSession,
     api = Api(http, damaged)
     pid, _ = await stocked_product(api)
     conn = redis_of(damaged)
-    conn.hset(keys.product(pid), mapping={"available": 999, "queued": 4})
+    conn.hset(damaged.key(keys.product(pid)), mapping={"available": 999, "queued": 4})
     code, report = audit(damaged, "--product", pid)
     assert code == 1 and {"cache", "admission"} <= checks_of(report, pid), report
     cache = next(f for f in report["findings"] if f["check"] == "cache")
@@ -176,7 +176,7 @@ async def test_audit_repairs_a_drifted_cache(http: aiohttp.ClientSession,
     assert code == 0, repaired
     assert repaired["repaired"], repaired
     assert (await api.product(pid))["available"] == 7
-    assert int(conn.hget(keys.product(pid), "queued") or 0) == 0
+    assert int(conn.hget(damaged.key(keys.product(pid)), "queued") or 0) == 0
     assert audit(damaged, "--product", pid)[0] == 0
 
 
@@ -187,7 +187,7 @@ async def test_audit_finds_a_lost_wake_up_and_an_applied_request_still_queued(
     applied = await api.new_hold(pid, 1)
     conn = redis_of(damaged)
     job_id = next(k.decode().rsplit(":", 1)[-1] for k in
-                  conn.scan_iter(match=keys.job_prefix(pid) + "*", count=1000)
+                  conn.scan_iter(match=damaged.key(keys.job_prefix(pid)) + "*", count=1000)
                   if json.loads(conn.get(k) or b"{}").get("body", {}).get("hold_id")
                   == applied["hold_id"])
     fresh = Envelope(id=keys.new_id("job", pid), op="hold",
@@ -196,7 +196,7 @@ async def test_audit_finds_a_lost_wake_up_and_an_applied_request_still_queued(
         # queued behind the service's back: no wake flag, no ready list, no drainer
         again = Envelope(id=job_id, op="hold", args={"product_id": pid, "qty": 1,
                                                       "hold_id": applied["hold_id"]})
-        conn.rpush(keys.queue(pid), again.encode(), fresh.encode())
+        conn.rpush(damaged.key(keys.queue(pid)), again.encode(), fresh.encode())
         code, report = audit(damaged, "--product", pid)
         assert code == 1, report
         messages = " ".join(f["message"] for f in report["findings"])
@@ -206,7 +206,7 @@ async def test_audit_finds_a_lost_wake_up_and_an_applied_request_still_queued(
         code, repaired = audit(damaged, "--product", pid, "--repair")
         assert any("woke" in r for r in repaired["repaired"]), repaired
     await api.wait_product(pid, timeout=15, available=7)  # the fresh hold was applied
-    assert conn.llen(keys.queue(pid)) == 0
+    assert conn.llen(damaged.key(keys.queue(pid))) == 0
     assert audit(damaged, "--product", pid)[0] == 0
 
 

@@ -59,7 +59,7 @@ def sql(instance: ServiceInstance, statement: str, *args: Any) -> list[tuple[Any
 
 
 def redis_of(instance: ServiceInstance) -> redis.Redis:
-    return redis.Redis.from_url(instance.env["REDIS_URL"])
+    return instance.data_redis()
 
 
 @contextlib.contextmanager
@@ -177,7 +177,12 @@ async def test_ids_nobody_can_have_are_404_and_leave_no_key_behind(
     hapi: Api, hostile_service: ServiceInstance
 ) -> None:
     conn = redis_of(hostile_service)
-    before = {k for k in conn.scan_iter(count=1000) if conn.ttl(k) == -1}
+    mine = hostile_service.key("fs:*")
+
+    def lasting() -> set[bytes]:
+        return {k for k in conn.scan_iter(match=mine, count=1000) if conn.ttl(k) == -1}
+
+    before = lasting()
     pid = (await hapi.create_product(stock=5))["id"]
     requests = []
     for raw in FOREIGN_PRODUCT_PATHS:
@@ -199,10 +204,9 @@ async def test_ids_nobody_can_have_are_404_and_leave_no_key_behind(
     for reply in replies:
         assert_problem(reply, 404)
     assert (await hapi.product(pid))["available"] == 5
-    after = {k for k in conn.scan_iter(count=1000) if conn.ttl(k) == -1}
-    grown = sorted(k.decode(errors="replace") for k in after - before)
+    grown = sorted(k.decode(errors="replace") for k in lasting() - before)
     # Only the new product's own cache may live without a TTL.
-    assert all(k == f"fs:{{p:{pid}}}:product" for k in grown), grown
+    assert all(k == hostile_service.key(f"fs:{{p:{pid}}}:product") for k in grown), grown
 
 
 async def test_numbers_beyond_the_bounds_are_422(hapi: Api) -> None:
