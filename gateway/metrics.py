@@ -26,7 +26,7 @@ from prometheus_client.registry import Collector
 
 from flashsale.config import Settings
 from workers import keys, stats
-from workers.drain import HEARTBEAT_MS
+from workers.planes import HEARTBEAT_MS
 
 MAX_TRACKED_PRODUCTS = 1000  # products whose queues this gateway looks at
 TOP_PRODUCTS = 20  # of those, the deepest queues get per-product series

@@ -20,15 +20,7 @@ from flashsale.problems import problem
 from workers import keys, stats
 from workers.apply import Outcome, apply_batches
 from workers.decide import Policy, Request, Result
-from workers.planes import (
-    HEARTBEAT_MS,
-    READY_KEYS,
-    Planes,
-    as_planes,
-    enqueue_drain_job,
-    evalsha,
-    wake,
-)
+from workers.planes import Planes, as_planes, enqueue_drain_job, evalsha
 from workers.protocol import (
     FINISH,
     RELEASE,
@@ -43,8 +35,6 @@ from workers.protocol import (
 
 log = logging.getLogger("flashsale.drain")
 
-# Where they were before workers.planes owned them (audit, inspect and metrics use them).
-__all__ = ["HEARTBEAT_MS", "READY_KEYS", "Drainer", "drain", "enqueue_drain_job", "wake"]
 
 # A drain job hands over to a fresh one after this long, so that the maintenance queue
 # (expiry sweeps) gets a worker between drain jobs even during a long rush.
