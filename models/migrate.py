@@ -72,6 +72,14 @@ def _v4_idempotency_partition() -> None:
         migrate_schema(migrator.add_column(table, "product_id", IdempotencyRecord.product_id))
 
 
+def _v5_webhook_arrival() -> None:
+    """Webhooks waiting for one order are applied in the order they arrived."""
+    migrator = SchemaMigrator.from_database(db.obj)
+    table = Webhook._meta.table_name
+    if "arrival" not in {c.name for c in db.get_columns(table)}:
+        migrate_schema(migrator.add_column(table, "arrival", Webhook.arrival))
+
+
 # Append new steps; never edit an applied one. A step uses playhouse.migrate to add
 # columns or indexes so existing rows are kept.
 STEPS: list[tuple[int, Callable[[], None]]] = [
@@ -79,6 +87,7 @@ STEPS: list[tuple[int, Callable[[], None]]] = [
     (2, _v2_dead_letters_and_catalog_lock),
     (3, _v3_customers),
     (4, _v4_idempotency_partition),
+    (5, _v5_webhook_arrival),
 ]
 
 

@@ -100,6 +100,7 @@ class Webhook(BaseModel):
     refund_due = pw.BooleanField(default=False)
     received_at = pw.BigIntegerField()
     applied_at = pw.BigIntegerField(null=True)
+    arrival = pw.BigIntegerField(null=True)  # order of arrival (migration 5)
     request_id = pw.CharField(max_length=64, unique=True)
 
     class Meta:

@@ -263,11 +263,12 @@ def _load(ledger: Ledger, product_id: int, requests: list[Request]) -> None:
                                           if rec.request_id not in ledger.results]))
 
     hold_ids = {str(r.args["hold_id"]) for r in todo if r.op == "order"}
-    hooks = {str(r.args["idempotency_key"]): str(r.args["order_id"])
-             for r in todo if r.op == "webhook"}
-    new_orders = {str(r.args["order_id"]) for r in todo if r.op == "order"}
-    if hooks:
-        _load_webhooks(ledger, Webhook.idempotency_key.in_(list(hooks)))
+    hook_keys = {str(r.args["idempotency_key"]) for r in todo if r.op == "webhook"}
+    hook_orders = {str(r.args["order_id"]) for r in todo if r.op == "webhook"}
+    # Webhooks already waiting for the orders that this batch's orders and webhooks name.
+    new_orders = hook_orders | {str(r.args["order_id"]) for r in todo if r.op == "order"}
+    if hook_keys:
+        _load_webhooks(ledger, Webhook.idempotency_key.in_(list(hook_keys)))
     if "retry_webhooks" in ops:
         _load_webhooks(ledger, (Webhook.product_id == product_id)
                        & (Webhook.outcome == "pending"))
@@ -279,9 +280,9 @@ def _load(ledger: Ledger, product_id: int, requests: list[Request]) -> None:
     if hold_ids:
         _load_holds(ledger, (Hold.id.in_(list(hold_ids))) & (Hold.product == product_id))
         _load_orders(ledger, Order.hold.in_(list(hold_ids)))
-    if hooks:  # their orders, or the holds that would have become them
-        _load_orders(ledger, Order.id.in_(list(set(hooks.values()))))
-        _load_holds(ledger, Hold.id.in_([hold_id_for(o) for o in set(hooks.values())])
+    if hook_orders:  # their orders, or the holds that would have become them
+        _load_orders(ledger, Order.id.in_(list(hook_orders)))
+        _load_holds(ledger, Hold.id.in_([hold_id_for(o) for o in hook_orders])
                     & (Hold.product == product_id))
     if "expire" in ops:
         _load_holds(ledger, (Hold.product == product_id) & (Hold.status == HoldStatus.ACTIVE)
@@ -343,7 +344,8 @@ def _load_webhooks(ledger: Ledger, where: pw.Expression) -> None:
             status=row.status, fingerprint=row.fingerprint, request_id=row.request_id,
             received_at=row.received_at, outcome=row.outcome,
             response=Result(row.response_status, orjson.loads(row.response_body)),
-            refund_due=row.refund_due, applied_at=row.applied_at))
+            refund_due=row.refund_due, applied_at=row.applied_at,
+            arrival=row.arrival if row.arrival is not None else row.received_at * 1000))
 
 
 def _create_products(requests: list[Request], now: int) -> dict[str, Result]:
@@ -438,4 +440,5 @@ def _webhook_row(hook: WebhookState) -> dict[str, Any]:
             "response_status": hook.response.status,
             "response_body": orjson.dumps(hook.response.body).decode(),
             "refund_due": hook.refund_due, "received_at": hook.received_at,
+            "arrival": hook.arrival,
             "applied_at": hook.applied_at, "request_id": hook.request_id}

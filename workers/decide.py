@@ -122,6 +122,9 @@ class WebhookState:
     response: Result = field(default_factory=lambda: Result(202, {}))
     refund_due: bool = False
     applied_at: int | None = None
+    # Arrival order (received_at in microseconds, plus its place in its batch): webhooks
+    # waiting for one order are applied in the order they arrived.
+    arrival: int = 0
 
 
 @dataclass(frozen=True)
@@ -313,7 +316,8 @@ class Ledger:
         hook = WebhookState(key=key, order_id=str(req.args["order_id"]),
                             product_id=self.product.id if self.product else 0,
                             status=str(req.args["status"]), fingerprint=fingerprint,
-                            request_id=req.id, received_at=self.now)
+                            request_id=req.id, received_at=self.now,
+                            arrival=self.now * 1000 + len(self.new_webhooks))
         self.webhooks[key] = hook
         self.new_webhooks.append(hook)
         order = self.orders.get(hook.order_id)
@@ -365,7 +369,7 @@ class Ledger:
     def _apply_pending_webhooks(self, order: OrderState) -> None:
         pending = [h for h in self.webhooks.values()
                    if h.order_id == order.id and h.outcome == "pending"]
-        for hook in sorted(pending, key=lambda h: h.received_at):
+        for hook in sorted(pending, key=lambda h: h.arrival):
             self._settle(hook, order)
 
     def _op_retry_webhooks(self, req: Request) -> Result:
