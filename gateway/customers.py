@@ -86,8 +86,12 @@ def token_customer(request: web.Request) -> str | None:
 
 
 def idempotency_scope(endpoint: str, customer: str | None) -> str:
-    """Keys are scoped per customer: the same key from two customers is two requests."""
-    return endpoint if customer is None else f"{endpoint}:{len(customer)}:{customer}"
+    """Keys are scoped per customer: the same key from two customers is two requests.
+    The customer is digested, so that the longest customer id and the longest key still
+    fit the record's id column (300 characters)."""
+    if customer is None:
+        return endpoint
+    return f"{endpoint}:c{hashlib.sha256(customer.encode()).hexdigest()[:32]}"
 
 
 @dataclass(frozen=True)

@@ -271,3 +271,13 @@ async def test_without_a_customer_the_rate_limit_counts_the_address(bapi: Api) -
     statuses = [r.status for r in replies]
     assert statuses.count(429) >= 3, statuses
     assert all(s in (404, 429) for s in statuses), statuses
+
+
+async def test_the_longest_customer_id_and_key_still_make_a_hold(bapi: Api) -> None:
+    pid = (await bapi.create_product(stock=5))["id"]
+    who, key = "c" * 64, "k" * 255
+    body = {"product_id": pid, "qty": 1, "customer_id": who}
+    first = await bapi.post("/api/holds", body, key=key)
+    again = await bapi.post("/api/holds", body, key=key)
+    assert first.status == 201, first
+    assert again.body == first.body
