@@ -21,7 +21,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -174,6 +174,19 @@ class ServiceInstance:
 
     def __repr__(self) -> str:
         return f"ServiceInstance({self.name!r}, {self.web_urls})"
+
+    @contextlib.contextmanager
+    def paused(self, kind: str) -> Iterator[None]:
+        """SIGSTOP every running process of ``kind`` (e.g. the workers, so that what is
+        pushed meanwhile stays queued), SIGCONT on the way out."""
+        processes = self.running(kind)
+        for process in processes:
+            process.signal(signal.SIGSTOP)
+        try:
+            yield
+        finally:
+            for process in processes:
+                process.signal(signal.SIGCONT)
 
     def data_redis(self) -> Any:
         """A client of the instance's data plane: its Redis Cluster, else its Redis."""

@@ -4,9 +4,7 @@ product after the database, the cache or the queues were altered behind its back
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
-import signal
 from collections.abc import Iterator
 from typing import Any
 
@@ -63,19 +61,6 @@ def sql(instance: ServiceInstance, statement: str, *params: Any) -> int:
 
 def redis_of(instance: ServiceInstance) -> redis.Redis:
     return instance.data_redis()
-
-
-@contextlib.contextmanager
-def paused(instance: ServiceInstance, kind: str) -> Iterator[None]:
-    """SIGSTOP every process of ``kind`` (e.g. the scheduler, so nothing re-wakes)."""
-    processes = instance.running(kind)
-    for process in processes:
-        process.signal(signal.SIGSTOP)
-    try:
-        yield
-    finally:
-        for process in processes:
-            process.signal(signal.SIGCONT)
 
 
 async def mixed_workload(api: Api) -> list[int]:
@@ -192,7 +177,7 @@ async def test_audit_finds_a_lost_wake_up_and_an_applied_request_still_queued(
                   == applied["hold_id"])
     fresh = Envelope(id=keys.new_id("job", pid), op="hold",
                      args={"product_id": pid, "qty": 1, "hold_id": keys.new_id("hold", pid)})
-    with paused(damaged, "scheduler"):
+    with damaged.paused("scheduler"):
         # queued behind the service's back: no wake flag, no ready list, no drainer
         again = Envelope(id=job_id, op="hold", args={"product_id": pid, "qty": 1,
                                                       "hold_id": applied["hold_id"]})

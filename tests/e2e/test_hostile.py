@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import signal
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -60,19 +59,6 @@ def sql(instance: ServiceInstance, statement: str, *args: Any) -> list[tuple[Any
 
 def redis_of(instance: ServiceInstance) -> redis.Redis:
     return instance.data_redis()
-
-
-@contextlib.contextmanager
-def workers_paused(instance: ServiceInstance) -> Iterator[None]:
-    """SIGSTOP every worker, so that what is pushed meanwhile stays queued."""
-    workers = instance.running("worker")
-    for worker in workers:
-        worker.signal(signal.SIGSTOP)
-    try:
-        yield
-    finally:
-        for worker in workers:
-            worker.signal(signal.SIGCONT)
 
 
 async def raw_request(url: str, head: bytes, body: bytes = b"") -> tuple[int, bytes]:
@@ -324,7 +310,7 @@ async def test_a_queued_restock_is_seen_by_the_holds_behind_it(
     pid = (await hapi.create_product(stock=2))["id"]
     assert (await hapi.hold(pid, 2)).status == 201
     assert_problem(await hapi.hold(pid, 2), 409, "Insufficient stock")
-    with workers_paused(hostile_service):
+    with hostile_service.paused("worker"):
         restock = await hapi.post(f"/api/admin/products/{pid}/restock", {"qty": 5},
                                   prefer="respond-async", headers=hapi.admin_headers())
         assert restock.status == 202, restock
@@ -338,7 +324,7 @@ async def test_prefer_wait_nan_does_not_hold_the_connection(
 ) -> None:
     pid = (await hapi.create_product(stock=5))["id"]
     default_wait = hostile_service.setting("DEFAULT_WAIT_SECONDS")
-    with workers_paused(hostile_service):
+    with hostile_service.paused("worker"):
         started = time.monotonic()
         reply = await hapi.hold(pid, 1, prefer="wait=nan")
         elapsed = time.monotonic() - started

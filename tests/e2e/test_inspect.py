@@ -4,11 +4,8 @@ were stopped, and a dead letter until it is replayed."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import re
-import signal
 import time
-from collections.abc import Iterator
 
 import pymysql
 import pytest
@@ -19,18 +16,6 @@ from workers import keys
 from workers.protocol import Envelope
 
 pytestmark = pytest.mark.e2e
-
-
-@contextlib.contextmanager
-def workers_stopped(instance: ServiceInstance) -> Iterator[None]:
-    workers = instance.running("worker")
-    for worker in workers:
-        worker.signal(signal.SIGSTOP)
-    try:
-        yield
-    finally:
-        for worker in workers:
-            worker.signal(signal.SIGCONT)
 
 
 def inspect(instance: ServiceInstance, *args: str) -> str:
@@ -51,7 +36,7 @@ def queue_row(output: str, product_id: int) -> list[str] | None:
 
 async def test_inspect_shows_a_queue_filled_while_workers_were_stopped(api: Api) -> None:
     pid = (await api.create_product(stock=50))["id"]
-    with workers_stopped(api.service):
+    with api.service.paused("worker"):
         replies = await asyncio.gather(*(api.hold(pid, 1, prefer="respond-async")
                                          for _ in range(7)))
         assert all(r.status == 202 for r in replies), replies
