@@ -55,7 +55,8 @@ async def problem_middleware(request: web.Request, handler: Handler) -> web.Stre
                   405: f"{request.method} is not allowed on {request.path}",
                   413: "The request body is larger than 64 KiB"}.get(exc.status, exc.reason)
         return problem_response(problem(exc.status, detail=detail), headers)
-    except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
+    except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError,
+            redis.exceptions.ClusterError, redis.exceptions.TryAgainError) as exc:
         log.error("redis unavailable: %s", exc, exc_info=True)
         return problem_response(problem(503, detail="The queue is unreachable; retry shortly"),
                                 {"Retry-After": "1"})

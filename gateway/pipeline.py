@@ -12,7 +12,16 @@ import asyncio
 import hashlib
 from typing import Any
 
-from redis.exceptions import NoScriptError
+from redis.exceptions import (
+    AskError,
+    ClusterDownError,
+    MovedError,
+    NoScriptError,
+    RedisError,
+    ResponseError,
+    TryAgainError,
+)
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 MAX_BATCH = 256
 
@@ -67,22 +76,73 @@ class AutoPipeline:
             task.add_done_callback(self._tasks.discard)
 
     async def _send(self, batch: list[tuple[tuple[Any, ...], asyncio.Future[Any]]]) -> None:
+        """Send the batch; commands that met a broken connection (a Redis restarting, a
+        cluster node whose slots are moving) are sent again. A push sent twice is
+        harmless: the drainer applies each request id once."""
+        try:
+            await self._send_retrying(batch)
+        except BaseException as exc:  # cancelled: no caller may wait for ever
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(exc)
+            raise
+
+    async def _send_retrying(self, batch: list[tuple[tuple[Any, ...], asyncio.Future[Any]]]
+                          ) -> None:
+        pause = RETRY_PAUSE_S
+        for attempt in range(ATTEMPTS):
+            replies = await self._execute(batch)
+            retry = []
+            for entry, reply in zip(batch, replies, strict=True):
+                future = entry[1]
+                if future.done():
+                    continue
+                if not isinstance(reply, Exception):
+                    future.set_result(reply)
+                elif attempt < ATTEMPTS - 1 and _transient(reply):
+                    retry.append(entry)
+                else:
+                    future.set_exception(_as_redis_error(reply))
+            if not retry:
+                return
+            batch = retry
+            await asyncio.sleep(pause)
+            pause *= 2
+
+    async def _execute(self, batch: list[tuple[tuple[Any, ...], asyncio.Future[Any]]]
+                       ) -> list[Any]:
+        """One reply (or exception) per command; a failed connection fails them all."""
         try:
             async with self.conn.pipeline(transaction=False) as pipe:
                 for command, _ in batch:
                     pipe.execute_command(*command)
-                replies = await pipe.execute(raise_on_error=False)
-        except BaseException as exc:  # the connection failed: every caller hears of it
-            for _, future in batch:
-                if not future.done():
-                    future.set_exception(exc)
-            if not isinstance(exc, Exception):
-                raise
-            return
-        for (_, future), reply in zip(batch, replies, strict=True):
-            if future.done():
-                continue
-            if isinstance(reply, Exception):
-                future.set_exception(reply)
-            else:
-                future.set_result(reply)
+                return list(await pipe.execute(raise_on_error=False))
+        except Exception as exc:
+            # Not an answer about a command (those come back one by one) but the client
+            # failing under it, e.g. redis-py's cluster client closing a connection that
+            # another task uses while it learns a moved slot: the connection is lost.
+            return [exc] * len(batch)
+
+
+# A command that met a broken connection, or a slot in the middle of a migration (the
+# cluster client gave up following its redirections), is sent again: 5 tries over about
+# 0.75 s, then the caller hears of it (and the gateway answers 503).
+ATTEMPTS = 5
+RETRY_PAUSE_S = 0.05
+
+
+def _transient(exc: BaseException) -> bool:
+    """Anything but the server's answer about the command itself: a broken or closed
+    connection, a slot in migration (TRYAGAIN, redirections given up), or the client
+    failing under it while it learns the cluster's new layout."""
+    if isinstance(exc, (TryAgainError, ClusterDownError, AskError, MovedError)):
+        return True
+    return not isinstance(exc, ResponseError)
+
+
+def _as_redis_error(exc: Exception) -> Exception:
+    """What the caller hears: the server's answer as it is; a connection that could not
+    be used even after the retries, as a lost connection (the gateway answers 503)."""
+    if isinstance(exc, RedisError):
+        return exc
+    return RedisConnectionError(f"{exc!r}")

@@ -231,6 +231,9 @@ async def _push(app: web.Application, write: Write, wait: float) -> Answer:
             int(code[1]), write.admission_qty)})
     if code[0] == 1:
         await _wake(app, write.product_id)
+    if wait <= 0:  # respond-async (or wait=0): 202 at once, even if a drainer was quicker
+        hub.forget(write.job_id)
+        return Answer(write.job_id, None, "queued", _resource(write))
     status, result = await hub.wait(write.job_id, future, wait)
     return Answer(write.job_id, result, status, _resource(write))
 
