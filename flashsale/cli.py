@@ -63,10 +63,12 @@ def cmd_web(args: argparse.Namespace) -> None:
 def cmd_worker(args: argparse.Namespace) -> None:
     import redis
 
-    from workers.worker import work
+    from workers.worker import serve_metrics, work
 
     settings = load_settings()
     init_database(settings)
+    if settings.worker_metrics_port:
+        serve_metrics(settings.worker_metrics_port)
     os.environ["REDIS_URL"] = settings.redis_url  # drain jobs read their settings from env
     work(redis.Redis.from_url(settings.redis_url), burst=args.burst)
 

@@ -69,6 +69,7 @@ class Settings:
     rate_limit_per_minute: int | None = None
     batch_size: int = 200
     drain_products: int = 64  # products one drainer applies in one transaction
+    worker_metrics_port: int = 0  # 0: workers serve no /metrics of their own
     lease_ms: int = 5000
     # Idempotency keys and queued jobs live this long in Redis. Job results are
     # cached for job_cache_seconds; after that they are read from the database.
@@ -99,6 +100,7 @@ class Settings:
             rate_limit_per_minute=_optional(env, "RATE_LIMIT_PER_MINUTE", 1_000_000),
             batch_size=min(max(_int(env, "BATCH_SIZE", 200), 1), 1000),
             drain_products=_bounded(env, "DRAIN_PRODUCTS", 64, 1, 500),
+            worker_metrics_port=_bounded(env, "WORKER_METRICS_PORT", 0, 0, 65535),
             lease_ms=_int(env, "DRAIN_LEASE_MS", 5000),
             job_cache_seconds=_int(env, "JOB_CACHE_SECONDS", 3600),
             log_json=(env.get("LOG_FORMAT", "").lower() == "json"),

@@ -19,7 +19,16 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from prometheus_client import Histogram
+from prometheus_client import (
+    GC_COLLECTOR,
+    PLATFORM_COLLECTOR,
+    PROCESS_COLLECTOR,
+    CollectorRegistry,
+    Histogram,
+)
+from prometheus_client import (
+    Counter as PromCounter,
+)
 from prometheus_client.utils import INF, floatToGoString
 
 from workers import keys
@@ -72,6 +81,45 @@ def tally(results: Iterable[tuple[str, int, Mapping[str, Any] | None]]) -> dict[
     return dict(counts)
 
 
+class WorkerMetrics:
+    """This worker process's own figures, for its own ``/metrics`` (WORKER_METRICS_PORT):
+    real prometheus_client histograms and counters, with the process collectors."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        for collector in (PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR):
+            self.registry.register(collector)
+        self.histograms = {
+            name: Histogram(f"flashsale_worker_{metric}", text, buckets=HISTOGRAMS[name],
+                            registry=self.registry)
+            for name, (metric, text) in {
+                "batch_size": ("batch_size", "Requests per round this worker applied"),
+                "apply_seconds": ("batch_apply_duration_seconds",
+                                  "Time to apply one round in one transaction, commit "
+                                  "included"),
+                "commit_seconds": ("batch_commit_duration_seconds",
+                                   "Time of one round's COMMIT"),
+                "queue_wait_seconds": ("queue_wait_seconds",
+                                       "How long a round's oldest request waited (sampled)"),
+            }.items()}
+        self.requests = PromCounter("flashsale_worker_requests",
+                                    "Requests this worker applied, by operation and outcome",
+                                    ["op", "outcome"], registry=self.registry)
+
+    def observe(self, observed: Mapping[str, float | None],
+                outcomes: Mapping[str, int]) -> None:
+        for name, value in observed.items():
+            if value is not None:
+                self.histograms[name].observe(value)
+        for key, count in outcomes.items():
+            op, _, result = key.partition(":")
+            self.requests.labels(op if op in OPS else OTHER,
+                                 result if result in OUTCOMES else OTHER).inc(count)
+
+
+LOCAL = WorkerMetrics()
+
+
 def record_batch(pipe: Any, *, size: int, apply_seconds: float, commit_seconds: float,
                  queue_wait_seconds: float | None, outcomes: Mapping[str, int]) -> None:
     """Add one committed batch to the shared figures, in ``pipe`` (a Redis pipeline).
@@ -85,6 +133,7 @@ def record_batch(pipe: Any, *, size: int, apply_seconds: float, commit_seconds: 
     """
     observed = {"batch_size": size, "apply_seconds": apply_seconds,
                 "commit_seconds": commit_seconds, "queue_wait_seconds": queue_wait_seconds}
+    LOCAL.observe(observed, outcomes)
     for name, value in observed.items():
         if value is None:
             continue

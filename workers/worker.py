@@ -10,7 +10,7 @@ import redis
 from rq import SimpleWorker
 
 from models import db
-from workers import keys
+from workers import keys, stats
 
 log = logging.getLogger("flashsale.worker")
 
@@ -28,6 +28,24 @@ class DrainWorker(SimpleWorker):
         if not db.is_closed():
             db.close()
         return super().handle_job_failure(job, queue, *args, **kwargs)
+
+
+METRICS_PORTS_TRIED = 32
+
+
+def serve_metrics(first_port: int) -> int:
+    """This worker's own ``/metrics`` (workers.stats.LOCAL), on the first free port from
+    ``first_port`` on: several workers of one host each take the next one."""
+    from prometheus_client import start_http_server
+
+    for port in range(first_port, first_port + METRICS_PORTS_TRIED):
+        try:
+            start_http_server(port, registry=stats.LOCAL.registry)
+        except OSError:
+            continue
+        log.warning("worker metrics on port %d", port)
+        return port
+    raise SystemExit(f"no free port for the worker's metrics from {first_port} on")
 
 
 def work(conn: redis.Redis, burst: bool = False) -> None:

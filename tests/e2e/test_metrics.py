@@ -12,10 +12,12 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
+import aiohttp
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.e2e.harness import Api
+from bench.procs import free_port
+from tests.e2e.harness import Api, ServiceFactory
 from tests.random_refs import random_event_id
 from tests.services import missing_service
 
@@ -167,3 +169,27 @@ async def test_dashboard_queries_parse_and_use_exposed_metrics(api: Api, tmp_pat
     for topic in ("holds per second", "refusals", "latency", "queue depth", "age",
                   "batch size", "commit", "dead letters"):
         assert topic in titles, topic
+
+
+async def test_each_worker_serves_its_own_metrics(
+        http: aiohttp.ClientSession, service_factory: ServiceFactory) -> None:
+    first = free_port()
+    instance = service_factory.get("worker-metrics", WORKER_METRICS_PORT=str(first))
+    api = Api(http, instance)
+    await sell_out(api)
+    texts = []
+    for port in (first, first + 1):  # two workers: the second takes the next port
+        async with http.get(f"http://127.0.0.1:{port}/metrics") as response:
+            assert response.status == 200
+            texts.append(await response.text())
+    for text in texts:
+        check = subprocess.run([promtool(), "check", "metrics"], input=text, text=True,
+                               capture_output=True, check=False)
+        assert check.returncode == 0, check.stdout + check.stderr
+        assert "# TYPE flashsale_worker_batch_size histogram" in text
+        assert 'flashsale_worker_batch_size_bucket{le="+Inf"}' in text
+        assert "process_cpu_seconds_total" in text
+    rounds = sum(sample(t, "flashsale_worker_batch_size_count") for t in texts)
+    holds = sum(sample(t, "flashsale_worker_requests_total", op="hold", outcome="ok")
+                for t in texts)
+    assert rounds >= 1 and holds == 5, (rounds, holds)
