@@ -82,7 +82,11 @@ def parser() -> argparse.ArgumentParser:
                       help="units of the sellout product; many splits it over its products "
                            f"(default {Options.stock})")
     load.add_argument("--products", type=int_list, default=Options.products,
-                      help="hot products of the many scenario (default 1,10,100)")
+                      help="hot products of the many scenario (default 1,10,100; the issue's "
+                           "curve: 1,10,100,1000)")
+    load.add_argument("--many-stock", type=int,
+                      help="units the many scenario splits over its products (default: "
+                           "--stock)")
     load.add_argument("--many-clients", type=int, default=Options.many_clients,
                       help="clients of the many scenario (default %(default)s)")
     load.add_argument("--soldout-seconds", type=float,
@@ -116,14 +120,18 @@ def parser() -> argparse.ArgumentParser:
     out.add_argument("--json-out", type=Path, help="also write the JSON line to this file")
     out.add_argument("--plot", type=Path, help="write a PNG of holds/s and p99 (needs matplotlib)")
     out.add_argument("--replot", type=Path, metavar="JSON",
-                     help="only redraw --plot from a saved JSON line, run nothing")
+                     help="only redraw --plot (and print --markdown) from a saved JSON "
+                          "line, run nothing")
+    out.add_argument("--markdown", action="store_true",
+                     help="also print the scenario table as Markdown (for the docs)")
     return p
 
 
 def options_from(args: argparse.Namespace) -> Options:
     chosen = {name: getattr(args, name) for name in (
         "url", "admin_token", "target", "start", "compare", "lockserver_url",
-        "lockserver_token", "hello_url", "clients", "products", "many_clients", "timeout",
+        "lockserver_token", "hello_url", "clients", "products", "many_clients", "many_stock",
+        "timeout",
         "request_timeout", "lock_mode", "webs", "workers", "mysql_url", "redis_url", "log_dir",
         "procfile")}
     chosen["scenarios"] = args.scenario
@@ -158,11 +166,15 @@ def main(argv: list[str] | None = None) -> int:
 
         from bench.plot import draw
 
-        if not args.plot:
-            log("--replot needs --plot PATH")
+        if not args.plot and not args.markdown:
+            log("--replot needs --plot PATH or --markdown")
             return 2
-        draw(orjson.loads(args.replot.read_bytes()), args.plot)
-        log(f"wrote {args.plot}")
+        saved = orjson.loads(args.replot.read_bytes())
+        if args.markdown:
+            print(report.markdown(saved))
+        if args.plot:
+            draw(saved, args.plot)
+            log(f"wrote {args.plot}")
         return 0
     options = options_from(args)
     if options.repeat < 1 or options.stock < 1:
@@ -186,6 +198,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         bench.close()
     print(report.render(summary))
+    if args.markdown:
+        print(report.markdown(summary))
     line = report.json_line(summary)
     print(line, flush=True)
     if args.json_out:

@@ -27,7 +27,8 @@ class Kind(StrEnum):
 
     OK = "ok"  # 201 hold / 200 read
     REFUSED = "refused"  # 409
-    SERVER_ERROR = "server_error"  # 5xx
+    SERVER_ERROR = "server_error"  # 5xx (but a shed 503)
+    SHED = "shed"  # 503 with Retry-After: turned away before being queued; retried after
     TRANSPORT = "transport"  # connection error or timeout
     OTHER = "other"  # any other status
 
@@ -40,6 +41,7 @@ class Outcome:
     body: Any = None
     accepted: bool = False  # answered 202 first, then followed to its result
     error: str = ""
+    retry_after_s: float = 0.0  # of a shed request: how long the client waits to retry
 
 
 @dataclass
@@ -59,7 +61,16 @@ class Target:
         return url
 
 
-def classify(status: int) -> Kind:
+def retry_after(value: str | None) -> float | None:
+    """Retry-After in seconds (the delay form), or None when absent or not a number."""
+    if value is None or not value.strip().isdigit():
+        return None
+    return float(value)
+
+
+def classify(status: int, retry_after_s: float | None = None) -> Kind:
+    if status == 503 and retry_after_s is not None:
+        return Kind.SHED
     if status in (200, 201):
         return Kind.OK
     if status == 409:
@@ -84,10 +95,24 @@ class Http:
     """The requests the scenarios make, against one target."""
 
     def __init__(self, session: aiohttp.ClientSession, target: Target,
-                 request_timeout_s: float) -> None:
+                 request_timeout_s: float, gateway: int | None = None) -> None:
         self.session = session
         self.target = target
         self.request_timeout_s = request_timeout_s
+        self.gateway = gateway  # None: the target's gateways in turn
+
+    def pinned(self, client: int) -> Http:
+        """The same target as client number ``client`` sees it: always the same gateway
+        (client modulo gateways), as a client behind a TCP load balancer keeps its
+        connection to one. Alternating per request gave every client a connection to
+        every gateway, twice the connections a real crowd opens."""
+        return Http(self.session, self.target, self.request_timeout_s,
+                    client % len(self.target.urls))
+
+    def base(self) -> str:
+        if self.gateway is None:
+            return self.target.base()
+        return self.target.urls[self.gateway]
 
     async def create_product(self, stock: int, label: str) -> int:
         """A fresh product with ``stock`` units, through the admin API; returns its id."""
@@ -95,7 +120,7 @@ class Http:
         body = {"name": name, "price_cents": 1000, "currency": "USD", "stock": stock}
         headers = {"Authorization": f"Bearer {self.target.admin_token or ''}",
                    "Prefer": "wait=30", **JSON_HEADERS}
-        url = self.target.base() + "/api/admin/products"
+        url = self.base() + "/api/admin/products"
         async with self.session.post(url, data=orjson.dumps(body), headers=headers) as resp:
             raw = await resp.read()
             status = resp.status
@@ -108,7 +133,7 @@ class Http:
         return int(doc["id"])
 
     async def product(self, product_id: int) -> dict[str, Any]:
-        url = f"{self.target.base()}/api/products/{product_id}"
+        url = f"{self.base()}/api/products/{product_id}"
         async with self.session.get(url) as resp:
             raw = await resp.read()
             if resp.status != 200:
@@ -119,11 +144,15 @@ class Http:
     async def hold(self, body: bytes) -> Outcome:
         """POST one hold (``body`` is the encoded JSON); a 202 is followed to its result."""
         start = time.perf_counter()
-        url = self.target.base() + "/api/holds"
+        url = self.base() + "/api/holds"
         try:
             async with self.session.post(url, data=body, headers=JSON_HEADERS) as resp:
                 status = resp.status
                 raw = await resp.read()
+                wait = retry_after(resp.headers.get("Retry-After")) if status == 503 else None
+            if wait is not None:
+                return Outcome(Kind.SHED, status, time.perf_counter() - start,
+                               retry_after_s=wait)
             doc = orjson.loads(raw) if raw else None
             accepted = status == 202
             if accepted and isinstance(doc, dict):
@@ -141,7 +170,7 @@ class Http:
         """GET ``path``; the body is read but not parsed (the read scenario only times it)."""
         start = time.perf_counter()
         try:
-            async with self.session.get(self.target.base() + path) as resp:
+            async with self.session.get(self.base() + path) as resp:
                 status = resp.status
                 await resp.read()
         except TRANSPORT_ERRORS as exc:
@@ -155,7 +184,7 @@ class Http:
         while time.monotonic() < deadline:
             await asyncio.sleep(delay)
             delay = min(delay * 2, POLL_MAX_S)
-            async with self.session.get(f"{self.target.base()}/api/jobs/{job_id}") as resp:
+            async with self.session.get(f"{self.base()}/api/jobs/{job_id}") as resp:
                 raw = await resp.read()
                 if resp.status != 200:
                     return resp.status, orjson.loads(raw) if raw else None

@@ -35,7 +35,11 @@ def draw(summary: Mapping[str, Any], path: Path) -> Path:
     targets = summary.get("targets", {})
     panels = [(series(targets, "sellout", "clients"), "concurrent clients (sellout, one product)"),
               (series(targets, "many", "products"), "hot products at once (many)")]
-    fig, axes = plt.subplots(2, 2, figsize=(11, 7.5), squeeze=False)
+    # A curve needs two points: a panel of one is left out (both, if neither has two).
+    curves = [p for p in panels if any(len(points) > 1 for points in p[0].values())]
+    panels = curves or panels
+    fig, axes = plt.subplots(2, len(panels), figsize=(5.5 * len(panels) + 0.5, 7.5),
+                             squeeze=False)
     for col, (data, xlabel) in enumerate(panels):
         for row, (index, ylabel) in enumerate(((1, "granted holds/s"), (2, "p99 latency, ms"))):
             ax = axes[row][col]
@@ -58,7 +62,7 @@ def draw(summary: Mapping[str, Any], path: Path) -> Path:
     reference = summary.get("reference") or {}
     single = reference.get("commit_per_hold_holds_per_s")
     if single:
-        for col in range(2):
+        for col in range(len(panels)):
             axes[0][col].axhline(single, color="grey", linestyle="--", linewidth=1,
                                  label="database alone, one commit per hold")
             axes[0][col].legend()

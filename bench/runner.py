@@ -42,6 +42,7 @@ class Options:
     clients: tuple[int, ...] = (200,)
     stock: int = 5000
     products: tuple[int, ...] = (1, 10, 100)
+    many_stock: int | None = None  # units the many scenario splits (default: stock)
     many_clients: int = 200
     soldout_seconds: float = 5.0
     read_seconds: float = 5.0
@@ -161,7 +162,8 @@ class Bench:
         if "many" in o.scenarios:
             for k in o.products:
                 found[scenario_key("many", o.many_clients, k)] = await self._measured(
-                    http, scenarios.many(http, k, o.stock, o.many_clients, o.timeout))
+                    http, scenarios.many(http, k, o.many_stock or o.stock, o.many_clients,
+                                         o.timeout))
         return found
 
     async def _reads(self, http: Http, product_id: int | None) -> dict[str, dict[str, Any]]:
@@ -183,16 +185,21 @@ class Bench:
         deployment = self.deployments.get(http.target.name)
         pgids = [] if deployment is None else [p.popen.pid for p in deployment.procs
                                                if not p.one_off]
+        gateways = set(http.target.gateway_pids)
         wall0, own0 = time.perf_counter(), own_cpu_seconds()
-        server0 = sum(cpu_seconds(pgid) for pgid in pgids)
+        before = {pgid: cpu_seconds(pgid) for pgid in pgids}
         result = await scenario
         wall = time.perf_counter() - wall0
         result["client_cpu_pct"] = round(100 * (own_cpu_seconds() - own0) / wall, 1)
         if pgids:
-            server = sum(cpu_seconds(pgid) for pgid in pgids) - server0
+            used = {pgid: cpu_seconds(pgid) - before[pgid] for pgid in pgids}
+            server = sum(used.values())
+            gateway = sum(s for pgid, s in used.items() if pgid in gateways)
+            requests = max(1, int(result.get("requests") or 0))
             result["server_cpu_pct"] = round(100 * server / wall, 1)
-            result["server_cpu_ms_per_request"] = round(
-                1000 * server / max(1, int(result.get("requests") or 0)), 3)
+            result["server_cpu_ms_per_request"] = round(1000 * server / requests, 3)
+            # The gateways' share alone (the rest: workers and scheduler).
+            result["gateway_cpu_ms_per_request"] = round(1000 * gateway / requests, 3)
         return result
 
     async def _sold_out_product(self, http: Http) -> int:
@@ -241,6 +248,7 @@ class Bench:
             "bench_version": BENCH_VERSION, "started_at": started_at, "repeat": o.repeat,
             "settings": {"clients": list(o.clients), "stock": o.stock,
                          "products": list(o.products), "many_clients": o.many_clients,
+                         "many_stock": o.many_stock or o.stock,
                          "soldout_seconds": o.soldout_seconds, "read_seconds": o.read_seconds,
                          "started": sorted(self.deployments), "webs": o.webs,
                          "lock_mode": o.lock_mode,

@@ -62,6 +62,11 @@ class Recorder:
             self.hold_ids.append(str(outcome.body.get("hold_id")))
             self.granted_by_product[product_id] += 1
 
+    async def pause_if_shed(self, outcome: Outcome) -> None:
+        """A shed request is retried after its Retry-After, as a polite client does."""
+        if outcome.kind == Kind.SHED:
+            await asyncio.sleep(outcome.retry_after_s)
+
     @property
     def failures(self) -> int:
         return self.counts[Kind.SERVER_ERROR] + self.counts[Kind.TRANSPORT]
@@ -75,6 +80,7 @@ class Recorder:
             "ok": self.counts[Kind.OK],
             "refused_409": self.counts[Kind.REFUSED],
             "server_5xx": self.counts[Kind.SERVER_ERROR],
+            "shed_503": self.counts[Kind.SHED],
             "transport_errors": self.counts[Kind.TRANSPORT],
             "other_status": self.counts[Kind.OTHER],
             "accepted_202": self.accepted,
@@ -98,6 +104,7 @@ async def progress(recorder: Recorder, every_s: float = 1.0) -> AsyncIterator[No
                   f"requests={recorder.sent} {recorder.measured}={done} "
                   f"(+{(done - last) / every_s:.0f}/s) 409={recorder.counts[Kind.REFUSED]} "
                   f"5xx={recorder.counts[Kind.SERVER_ERROR]} "
+                  f"shed={recorder.counts[Kind.SHED]} "
                   f"err={recorder.counts[Kind.TRANSPORT]} 202={recorder.accepted}",
                   file=sys.stderr, flush=True)
             last = done
@@ -128,16 +135,19 @@ async def take_until_refused(http: Http, rec: Recorder, product_ids: list[int],
             rec.add(outcome, product_id)
             if outcome.kind == Kind.REFUSED:
                 break
+            await rec.pause_if_shed(outcome)
 
 
 async def for_a_while(rec: Recorder, until: float, max_requests: int,
-                      request: Callable[[], Any]) -> None:
+                      request: Callable[[Any], Any], argument: Any) -> None:
     """One client: the same request again and again until ``until``."""
     for _ in range(max_requests):
         if time.monotonic() > until or rec.failures >= ERROR_BUDGET:
             return
         rec.begin()
-        rec.add(await request())
+        outcome = await request(argument)
+        rec.add(outcome)
+        await rec.pause_if_shed(outcome)
 
 
 async def settled_product(http: Http, product_id: int, expect_available: int) -> dict[str, Any]:
@@ -170,8 +180,8 @@ async def sellout(http: Http, stock: int, clients: int, timeout_s: float) -> dic
     rec = Recorder(f"{http.target.name} sellout c={clients}", Kind.OK)
     deadline = time.monotonic() + timeout_s
     async with progress(rec):
-        await asyncio.gather(*(take_until_refused(http, rec, [product_id], deadline, stock + 10)
-                               for _ in range(clients)))
+        await asyncio.gather(*(take_until_refused(http.pinned(n), rec, [product_id], deadline,
+                                                  stock + 10) for n in range(clients)))
     doc = await settled_product(http, product_id, 0)
     granted = rec.counts[Kind.OK]
     check = stock_check(stock, granted, len(set(rec.hold_ids)), doc.get("available"))
@@ -188,8 +198,8 @@ async def soldout(http: Http, product_id: int, clients: int, seconds: float) -> 
     body = hold_body(product_id)
     until = time.monotonic() + seconds
     async with progress(rec):
-        await asyncio.gather(*(for_a_while(rec, until, 10_000_000, lambda: http.hold(body))
-                               for _ in range(clients)))
+        await asyncio.gather(*(for_a_while(rec, until, 10_000_000, http.pinned(n).hold, body)
+                               for n in range(clients)))
     refused = rec.counts[Kind.REFUSED]
     return {"scenario": "soldout", "product_id": product_id, "clients": clients,
             "refusals_per_s": rate(refused, rec.started, rec.last_measured),
@@ -202,8 +212,8 @@ async def read(http: Http, product_id: int, clients: int, seconds: float) -> dic
     path = f"/api/products/{product_id}"
     until = time.monotonic() + seconds
     async with progress(rec):
-        await asyncio.gather(*(for_a_while(rec, until, 10_000_000, lambda: http.read(path))
-                               for _ in range(clients)))
+        await asyncio.gather(*(for_a_while(rec, until, 10_000_000, http.pinned(n).read, path)
+                               for n in range(clients)))
     return {"scenario": "read", "product_id": product_id, "clients": clients,
             "reads_per_s": rate(rec.counts[Kind.OK], rec.started, rec.last_measured),
             **rec.common()}
@@ -234,8 +244,13 @@ async def many(http: Http, products: int, total_stock: int, clients: int,
     rec = Recorder(f"{http.target.name} many k={products} c={clients}", Kind.OK)
     deadline = time.monotonic() + timeout_s
     async with progress(rec):
-        await asyncio.gather(*(take_until_refused(http, rec, share, deadline, per_product + 10)
-                               for share in spread(ids, clients)))
+        # A product's clients are spread over the gateways (client n works on product
+        # n mod K: its gateway follows n div K), so that every product is reached through
+        # every gateway, as with clients behind a load balancer.
+        group = products if clients >= products else 1
+        await asyncio.gather(*(take_until_refused(http.pinned(n // group), rec, share,
+                                                  deadline, per_product + 10)
+                               for n, share in enumerate(spread(ids, clients))))
     await asyncio.sleep(CACHE_SETTLE_S)
     docs = await asyncio.gather(*(http.product(pid) for pid in ids))
     available = sum(int(d.get("available", 0)) for d in docs)

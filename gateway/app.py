@@ -86,7 +86,7 @@ async def _redis(app: web.Application) -> AsyncIterator[None]:
     data_pipe = AutoPipeline(planes.data)
     control_pipe = data_pipe if not planes.clustered else AutoPipeline(planes.control)
     app[SCRIPTS] = Scripts(data_pipe, control_pipe)
-    app[REPLIES] = ReplyHub(planes.data, sharded=planes.clustered)
+    app[REPLIES] = ReplyHub(planes.data, sharded=planes.clustered, pipe=data_pipe)
     await app[REPLIES].start()
     yield
     await app[REPLIES].stop()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import hmac
 import re
@@ -11,6 +12,7 @@ from typing import Any
 
 import orjson
 from aiohttp import web
+from marshmallow import validate
 
 from flashsale.limits import is_visible_ascii, parse_product_id
 from flashsale.problems import not_found, problem
@@ -22,6 +24,7 @@ from gateway.submit import (
     Answer,
     Preference,
     Write,
+    cache_created,
     fingerprint,
     idempotency_key,
     product_from_cache,
@@ -131,7 +134,8 @@ async def create_hold(request: web.Request) -> web.Response:
     schema = schemas.hold_schema(settings.max_qty_per_hold, customer_in_body=no_tokens,
                                  customer_required=no_tokens and
                                  settings.max_qty_per_customer is not None)
-    body = schemas.load(schema, await read_json(request))
+    data = await read_json(request)
+    body = plain_hold(schema, data) or schemas.load(schema, data)
     customer = customer or body.get("customer_id")
     await rate_limit(request, customer)
     product_id, qty = body["product_id"], body["qty"]
@@ -141,6 +145,41 @@ async def create_hold(request: web.Request) -> web.Response:
     write = Write(product_id=product_id, op="hold", resource="hold_id", admission_qty=qty,
                   args=args, **keyed(idempotency_scope("holds", customer), key, body))
     return await queue_write(request, write, "/api/holds/{hold_id}", prefer)
+
+
+def plain_hold(schema: Any, data: Any) -> dict[str, Any] | None:
+    """The common hold body, ``{"product_id": n, "qty": n}`` with plain integers within the
+    schema's own bounds, accepted without marshmallow (a tenth of a hold's CPU); anything
+    else is None, and marshmallow judges it and words the 422 as always."""
+    if type(data) is not dict or len(data) != 2:
+        return None
+    product_id, qty = data.get("product_id"), data.get("qty")
+    if type(product_id) is not int or type(qty) is not int:
+        return None
+    bounds = _int_bounds(schema)
+    if bounds is None or not (bounds[0] <= product_id <= bounds[1]
+                              and bounds[2] <= qty <= bounds[3]):
+        return None
+    return {"product_id": product_id, "qty": qty}
+
+
+@functools.lru_cache(maxsize=16)
+def _int_bounds(schema: Any) -> tuple[int, int, int, int] | None:
+    """(product_id min, max, qty min, max) from the schema's Range validators; None when
+    the schema asks for more than two bounded integers (a required customer_id, ...)."""
+    found: list[int] = []
+    for name in ("product_id", "qty"):
+        ranges = schema.fields[name].validators
+        if len(ranges) != 1 or type(ranges[0]) is not validate.Range:
+            return None
+        bound = ranges[0]
+        if None in (bound.min, bound.max) or not (bound.min_inclusive and bound.max_inclusive):
+            return None
+        found += [bound.min, bound.max]
+    if any(field.required for name, field in schema.fields.items()
+           if name not in ("product_id", "qty")):
+        return None
+    return found[0], found[1], found[2], found[3]
 
 
 async def get_hold(request: web.Request) -> web.Response:
@@ -295,7 +334,7 @@ async def create_product(request: web.Request) -> web.Response:
     write = Write(product_id=keys.CATALOG, op="create_product", args=body)
     answer = await submit(request.app, write, prefer.wait)
     if answer.result is not None and answer.result["status"] == 201:  # no stale "missing"
-        await request.app[REDIS].delete(keys.product(answer.result["body"]["id"]))
+        await cache_created(request.app, answer.result["body"])
     return respond(answer, prefer, "/api/products/{id}")
 
 

@@ -182,6 +182,10 @@ class Metrics:
                                     "Holds and orders refused 429 by the rate limit "
                                     "(RATE_LIMIT_PER_MINUTE) at this gateway",
                                     registry=self.registry)
+        self.shed = Counter("flashsale_shed_requests",
+                            "Writes turned away 503 (Retry-After) before being queued, "
+                            "because this gateway had its fill of requests waiting",
+                            registry=self.registry)
         self.service = ServiceCollector(job_ttl_seconds)
         self.registry.register(self.service)
         self.products: set[int] = set()

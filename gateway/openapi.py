@@ -257,8 +257,10 @@ RESPONSES = {
     "NotJson": problem(f"The body is not `{JSON}`."),
     "Invalid": problem("The body breaks the schema (missing or unknown field, wrong type, "
                        "value out of range); `errors` names the offending fields."),
-    "Unavailable": problem("Redis or the database is unreachable; retry after `Retry-After` "
-                           "seconds.", ("Retry-After",)),
+    "Unavailable": problem("Redis or the database is unreachable, or (for writes, problem "
+                           "type `busy`) this gateway already has its fill of requests "
+                           "waiting and queued nothing; retry after `Retry-After` seconds.",
+                           ("Retry-After",)),
     "Accepted": reply("Queued and not decided within the wait. Poll `Location` (the job) "
                       "every `Retry-After` seconds until its `status` is `done`.", "Accepted",
                       ("JobLocation", "Retry-After", "Preference-Applied"), links=("GetJob",)),

@@ -16,19 +16,29 @@ from typing import Any, cast
 import orjson
 import redis.asyncio as aioredis
 
+from gateway.pipeline import AutoPipeline
 from workers import keys
 
 log = logging.getLogger("flashsale.gateway")
 
 POLL_SECONDS = 1.0
+# Requests one gateway lets wait for their answer at once. Past it, new writes are turned
+# away (503 with Retry-After) before anything is queued: each waiter holds its request
+# and connection in memory, and at the drainers' pace a longer line only adds latency.
+MAX_WAITING = 1000
 
 
 class ReplyHub:
-    def __init__(self, conn: Any, sharded: bool = False) -> None:
+    def __init__(self, conn: Any, sharded: bool = False, pipe: AutoPipeline | None = None,
+                 max_waiting: int = MAX_WAITING) -> None:
         """``conn`` is the data plane; ``sharded`` (a Redis Cluster): SSUBSCRIBE, so that
-        only the node owning this gateway's channel carries its replies."""
+        only the node owning this gateway's channel carries its replies. ``pipe``: the
+        data plane's auto-pipeline, for the waiters' polls of their job keys."""
         self.conn = conn
         self.sharded = sharded
+        self.pipe = pipe
+        self.max_waiting = max_waiting
+        self.waiters = 0  # requests inside wait()
         self.channel = keys.reply_channel(secrets.token_hex(8))
         self._waiting: dict[str, asyncio.Future[dict[str, Any]]] = {}
         self._task: asyncio.Task[None] | None = None
@@ -83,6 +93,11 @@ class ReplyHub:
             if future is not None and not future.done():
                 future.set_result(result)
 
+    @property
+    def full(self) -> bool:
+        """Whether as many requests wait for answers as this gateway lets wait."""
+        return self.waiters >= self.max_waiting
+
     def expect(self, job_id: str) -> asyncio.Future[dict[str, Any]]:
         """Register interest before pushing, so an early reply is not missed."""
         future = asyncio.get_running_loop().create_future()
@@ -98,6 +113,7 @@ class ReplyHub:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         status = "queued"
+        self.waiters += 1
         try:
             while True:
                 remaining = deadline - loop.time()
@@ -107,16 +123,26 @@ class ReplyHub:
                         return "done", future.result()
                 elif remaining > 0:
                     await asyncio.sleep(min(remaining, POLL_SECONDS / 5))
-                status, result = await job_status(self.conn, job_id)
+                status, result = await self.status(job_id)
                 if result is not None or status == "missing" or loop.time() >= deadline:
                     return status, result
         finally:
+            self.waiters -= 1
             self.forget(job_id)
+
+    async def status(self, job_id: str) -> tuple[str, dict[str, Any] | None]:
+        """The job key's state, read through the auto-pipeline when there is one."""
+        if self.pipe is None:
+            return await job_status(self.conn, job_id)
+        return parse_status(await self.pipe.execute("GET", keys.job(job_id)))
 
 
 async def job_status(conn: aioredis.Redis, job_id: str) -> tuple[str, dict[str, Any] | None]:
     """(queued|processing|done|missing, result) from the job key."""
-    raw = cast(bytes | None, await conn.get(keys.job(job_id)))
+    return parse_status(cast(bytes | None, await conn.get(keys.job(job_id))))
+
+
+def parse_status(raw: bytes | None) -> tuple[str, dict[str, Any] | None]:
     if raw is None:
         return "missing", None
     if raw.startswith(b"{"):

@@ -56,6 +56,13 @@ return false
 """
 
 MISSING_TTL_MS = 5000
+PRODUCT_FIELDS = ("id", "name", "price_cents", "currency", "stock", "available")
+RETRY_AFTER_BUSY_S = 1
+
+
+def busy() -> dict[str, Any]:
+    return problem(503, "Service busy", "Too many requests are waiting for their answer "
+                   f"here; nothing was queued. Retry in {RETRY_AFTER_BUSY_S} s.", slug="busy")
 
 
 class Scripts:
@@ -167,8 +174,15 @@ def idempotency_key(request: web.Request) -> str | None:
 
 
 async def submit(app: web.Application, write: Write, wait: float) -> Answer:
-    """Queue ``write`` (or find its earlier twin) and wait up to ``wait`` seconds."""
+    """Queue ``write`` (or find its earlier twin) and wait up to ``wait`` seconds.
+
+    When this gateway already has its fill of requests waiting, a request that would
+    wait is turned away before anything is queued: 503 with Retry-After, at once.
+    """
     settings = app[SETTINGS]
+    if wait > 0 and app[REPLIES].full:
+        app[METRICS].shed.inc()
+        raise ProblemError(busy(), {"Retry-After": str(RETRY_AFTER_BUSY_S)})
     if write.idempotency is not None:
         scope, key = write.idempotency
         resource_id = write.args.get(write.resource) if write.resource else None
@@ -285,6 +299,18 @@ async def _fill(app: web.Application, product_id: int) -> dict[str, Any] | None:
         flat += [name, value]
     await app[SCRIPTS].fill(keys=fill_keys(product_id), args=flat)
     return view
+
+
+async def cache_created(app: web.Application, view: dict[str, Any]) -> None:
+    """Cache a product its creation just committed (``view`` is the 201 body), so that its
+    first requests need no database read: a drop's products are hot from their first
+    second. FILL replaces a "missing" marker and writes nothing over a newer value."""
+    product_id = int(view["id"])
+    if all(name in view for name in PRODUCT_FIELDS):
+        flat: list[Any] = []
+        for name, value in product_fields(view).items():
+            flat += [name, value]
+        await app[SCRIPTS].fill(keys=fill_keys(product_id), args=flat)
 
 
 async def product_from_cache(app: web.Application, product_id: int) -> dict[str, Any] | None:

@@ -141,6 +141,7 @@ return 1
 FILL = """
 if redis.call('HEXISTS', KEYS[1], 'stock') == 1 then return 0 end
 redis.call('HDEL', KEYS[1], 'missing')
+redis.call('PERSIST', KEYS[1])  -- a "missing" marker's 5 s no longer apply
 redis.call('HSET', KEYS[1], unpack(ARGV))
 if redis.call('LLEN', KEYS[2]) + redis.call('LLEN', KEYS[3]) > 0 then
   redis.call('HSET', KEYS[1], 'adders', 1)

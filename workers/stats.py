@@ -102,7 +102,7 @@ class WorkerMetrics:
                 "queue_wait_seconds": ("queue_wait_seconds",
                                        "How long a round's oldest request waited (sampled)"),
             }.items()}
-        self.requests = PromCounter("flashsale_worker_requests",
+        self.requests = PromCounter("flashsale_worker_applied_requests",
                                     "Requests this worker applied, by operation and outcome",
                                     ["op", "outcome"], registry=self.registry)
 

@@ -190,6 +190,6 @@ async def test_each_worker_serves_its_own_metrics(
         assert 'flashsale_worker_batch_size_bucket{le="+Inf"}' in text
         assert "process_cpu_seconds_total" in text
     rounds = sum(sample(t, "flashsale_worker_batch_size_count") for t in texts)
-    holds = sum(sample(t, "flashsale_worker_requests_total", op="hold", outcome="ok")
+    holds = sum(sample(t, "flashsale_worker_applied_requests_total", op="hold", outcome="ok")
                 for t in texts)
     assert rounds >= 1 and holds == 5, (rounds, holds)

@@ -177,3 +177,17 @@ def test_plot_series_picks_each_targets_points_in_order() -> None:
     assert series(targets, "sellout", "clients") == {
         "service": [(50.0, 1000.0, 10.0), (800.0, 900.0, 80.0)]}
     assert series(targets, "read", "clients") == {}
+
+
+def test_markdown_table_gives_medians_spread_and_the_ratio_to_the_peer() -> None:
+    key = report.scenario_key("sellout", 200)
+    runs = [sellout_result(r, 100.0) for r in (2000.0, 2600.0, 2500.0)]
+    summary = {"targets": {report.SERVICE: {key: report.combine(runs)},
+                           report.LOCKSERVER: {key: sellout_result(500.0, 400.0)}},
+               "runs": {report.SERVICE: [{key: r} for r in runs],
+                        report.LOCKSERVER: [{key: sellout_result(500.0, 400.0)}]}}
+    table = report.markdown(summary).splitlines()
+    assert len(table) == 4
+    assert "| sellout c=200 | service | 2,500 holds/s | 2,000-2,600 |" in table[2]
+    assert table[2].endswith("| 5.00x |")
+    assert table[3].startswith("| sellout c=200 | lock-per-request | 500 holds/s |")

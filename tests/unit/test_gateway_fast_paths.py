@@ -1,0 +1,100 @@
+"""The gateway's fast paths decide exactly as the slow ones would: the plain hold body
+without marshmallow, and the waiter bound that turns writes away before queueing them."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from aiohttp import web
+from marshmallow import ValidationError
+
+from flashsale.config import Settings
+from gateway import schemas
+from gateway.errors import ProblemError
+from gateway.handlers import plain_hold
+from gateway.metrics import Metrics
+from gateway.replies import ReplyHub
+from gateway.submit import Write, submit
+from gateway.typedefs import METRICS, REPLIES, SETTINGS
+
+BODIES: list[Any] = [
+    {"product_id": 5, "qty": 1},
+    {"product_id": 2147483647, "qty": 10},
+    {"qty": 3, "product_id": 1},
+    {"product_id": 5, "qty": 0},
+    {"product_id": 5, "qty": 11},
+    {"product_id": 0, "qty": 1},
+    {"product_id": 2147483648, "qty": 1},
+    {"product_id": -1, "qty": 1},
+    {"product_id": 5, "qty": 1.0},
+    {"product_id": 5.5, "qty": 1},
+    {"product_id": True, "qty": 1},
+    {"product_id": "5", "qty": 1},
+    {"product_id": 5, "qty": None},
+    {"product_id": 5},
+    {"product_id": 5, "qty": 1, "extra": 1},
+    {"product_id": 5, "quantity": 1},
+    {"product_id": 5, "qty": 1, "customer_id": "c-1"},
+    {"product_id": 5, "qty": 1, "customer_id": ""},
+    [5, 1],
+    "hold",
+    None,
+    {},
+]
+
+
+def marshmallow_answer(schema: Any, body: Any) -> Any:
+    try:
+        return schemas.load(schema, body)
+    except ValidationError as exc:
+        return ("422", exc.messages)
+
+
+@pytest.mark.parametrize("options", [
+    {}, {"customer_in_body": True}, {"customer_in_body": True, "customer_required": True}])
+@pytest.mark.parametrize("body", BODIES)
+def test_plain_hold_accepts_only_what_marshmallow_accepts_and_the_same_way(
+        options: dict[str, bool], body: Any) -> None:
+    schema = schemas.hold_schema(10, **options)
+    fast = plain_hold(schema, body)
+    slow = marshmallow_answer(schema, body)
+    if fast is not None:  # taken without marshmallow: marshmallow would say the same
+        assert fast == slow
+        assert list(fast) == list(slow)
+    # Either way the handler's answer is marshmallow's whenever the fast path declines.
+    assert (fast or slow) == slow
+
+
+def test_plain_hold_declines_when_a_customer_is_required() -> None:
+    schema = schemas.hold_schema(10, customer_in_body=True, customer_required=True)
+    assert plain_hold(schema, {"product_id": 5, "qty": 1}) is None
+
+
+def app_with_waiters(waiting: int, bound: int) -> web.Application:
+    app = web.Application()
+    app[SETTINGS] = Settings()
+    app[METRICS] = Metrics()
+    hub = ReplyHub(conn=None, max_waiting=bound)  # type: ignore[arg-type]
+    hub.waiters = waiting
+    app[REPLIES] = hub
+    return app
+
+
+async def test_a_full_gateway_turns_writes_away_with_503_and_retry_after() -> None:
+    app = app_with_waiters(waiting=3, bound=3)
+    write = Write(product_id=5, op="hold", args={"product_id": 5, "qty": 1})
+    with pytest.raises(ProblemError) as raised:  # before any Redis call: none is set up
+        await submit(app, write, wait=5.0)
+    assert raised.value.doc["status"] == 503
+    assert raised.value.doc["type"].endswith("/busy")
+    assert raised.value.headers == {"Retry-After": "1"}
+    assert app[METRICS].shed._value.get() == 1
+
+
+async def test_a_client_that_does_not_wait_is_not_turned_away() -> None:
+    app = app_with_waiters(waiting=3, bound=3)
+    write = Write(product_id=5, op="hold", args={"product_id": 5, "qty": 1})
+    with pytest.raises(KeyError):  # it went on towards Redis (absent here): not shed
+        await submit(app, write, wait=0.0)
+    assert app[METRICS].shed._value.get() == 0
