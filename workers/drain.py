@@ -217,6 +217,8 @@ class Drainer:
         control = pipe if self.data is self.conn else self.conn.pipeline(transaction=False)
         for finish_keys, finish_argv in calls:
             evalsha(pipe, self._finish.sha, finish_keys, finish_argv)
+        if control is pipe:  # one Redis: the replies follow the results they announce
+            self._publish(pipe, "PUBLISH", outcomes, envelopes)
         granted, refused = self.count(control, envelopes, outcomes)
         stats.record_batch(
             control, size=size, apply_seconds=committed - started,
@@ -235,7 +237,9 @@ class Drainer:
                 raise reply
         if control is not pipe:
             replies = control.execute()
-            self._publish(outcomes, envelopes)
+            sharded = self.data.pipeline(transaction=False)
+            if self._publish(sharded, "SPUBLISH", outcomes, envelopes):
+                sharded.execute(raise_on_error=False)  # a lost reply is found by polling
         self.others_waiting = int(replies[-1])
         log.info("batch applied", extra={
             "products": len(batches), "product_id": next(iter(batches)), "size": size,
@@ -244,20 +248,20 @@ class Drainer:
             "answer_ms": round((time.perf_counter() - committed) * 1000, 2)})
         return size
 
-    def _publish(self, outcomes: dict[int, Outcome],
-                 envelopes: dict[int, list[Envelope]]) -> None:
-        """On a cluster: the round's replies, one SPUBLISH per waiting gateway, so that
-        only the node owning that gateway's channel carries them."""
+    @staticmethod
+    def _publish(pipe: Any, command: str, outcomes: dict[int, Outcome],
+                 envelopes: dict[int, list[Envelope]]) -> int:
+        """The round's replies, one message per waiting gateway for all the round's
+        products (not one per product batch); on a cluster by SPUBLISH, so that only the
+        node owning that gateway's channel carries them. Returns the messages queued."""
         replies: dict[str, list[Any]] = defaultdict(list)
         for pid, batch in envelopes.items():
             for env in batch:
                 if env.reply:
                     replies[env.reply].append([env.id, outcomes[pid].results[env.id].as_dict()])
-        if replies:
-            pipe = self.data.pipeline(transaction=False)
-            for channel, payload in replies.items():
-                pipe.execute_command("SPUBLISH", channel, orjson.dumps(payload))
-            pipe.execute(raise_on_error=False)  # a lost reply is found by polling
+        for channel, payload in replies.items():
+            pipe.execute_command(command, channel, orjson.dumps(payload))
+        return len(replies)
 
     def _run_each(self, script: Any, calls: list[tuple[list[str], list[Any]]]) -> list[Any]:
         """One script call per (keys, args), in one pipeline; loads the script if Redis
@@ -275,14 +279,10 @@ class Drainer:
 
     def answer(self, product_id: int, batch: list[Envelope],
                outcome: Outcome) -> tuple[list[str], list[Any]]:
-        """The FINISH call for a committed batch: results, replies, cache, control flags."""
+        """The FINISH call for a committed batch: results, cache, counters, control flags."""
         results: dict[str, bytes] = {}
-        replies: dict[str, list[Any]] = defaultdict(list)
-        for env in batch:
-            result = outcome.results[env.id]
-            results[env.id] = orjson.dumps(result.as_dict())
-            if env.reply and not self.planes.clustered:  # (else sent by _publish)
-                replies[env.reply].append([env.id, result.as_dict()])
+        for env in batch:  # (the replies are sent for the whole round: _publish)
+            results[env.id] = orjson.dumps(outcome.results[env.id].as_dict())
         for job_id, result in outcome.revised.items():
             results[job_id] = orjson.dumps(result.as_dict())
         for job_id in outcome.results.keys() - results.keys():  # unreadable envelopes
@@ -293,8 +293,7 @@ class Drainer:
         delete = [keys.control(product_id, e.op) for e in batch if e.op in CONTROL_OPS]
         return ([keys.inflight(product_id), keys.lease(product_id), keys.product(product_id)],
                 finish_args(self.token, self.config.lease_ms, self.config.job_cache_seconds,
-                            product_id, admitted, fields, results,
-                            {ch: orjson.dumps(r) for ch, r in replies.items()},
+                            product_id, admitted, fields, results, {},
                             sorted(set(delete)), adders))
 
     def count(self, pipe: Any, envelopes: dict[int, list[Envelope]],

@@ -13,10 +13,11 @@
   script touches the keys of one slot only. Without it, both planes are the one Redis of
   ``REDIS_URL`` and everything is exactly as on a single Redis.
 
-Replies travel on one channel per gateway process. On one Redis the FINISH script
-publishes them (PUBLISH, inside the script); on a cluster a script may only touch its
-own slot, so the drainer sends them with SPUBLISH (sharded pub/sub, Redis 7) after the
-script, and only the node that owns the gateway's channel carries them.
+Replies travel on one channel per gateway process, one message per gateway for all the
+products of a drain round, sent after the round's FINISH calls: on one Redis by PUBLISH
+in the same pipeline; on a cluster, where a script may only touch its own slot, by
+SPUBLISH (sharded pub/sub, Redis 7), so that only the node that owns the gateway's
+channel carries them.
 
 This module is what the gateway, the workers and the scheduler ask for the planes and
 for the wake-up of a product; key names are in ``workers.keys``, scripts in
