@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import functools
 import os
 import shutil
 import signal
@@ -37,7 +38,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import IO, Any
+from typing import IO, Any, Self
 
 import pymysql
 
@@ -245,7 +246,26 @@ def require_mariadb() -> MariaDBBinaries:
     return found
 
 
-class PrivateMariaDB:
+class _Started:
+    """``with Server(...) as server``: started on entry, closed on exit, even when the
+    start fails half-way."""
+
+    def start(self) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        try:
+            self.start()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+
+class PrivateMariaDB(_Started):
     """A MariaDB server of the test's own, on a free port of 127.0.0.1, user root, no password.
 
     ``base_dir`` (an empty temporary directory) holds its data directory and its log.
@@ -396,13 +416,6 @@ class PrivateMariaDB:
                 shutil.rmtree(self._socket_dir, ignore_errors=True)
                 self._socket_dir = None
 
-    def __enter__(self) -> PrivateMariaDB:
-        try:
-            self.start()
-        except BaseException:
-            self.close()
-            raise
-        return self
 
     def __exit__(
         self,
@@ -479,7 +492,7 @@ class PrivateMariaDB:
 # --- Redis Cluster -------------------------------------------------------------------------
 
 
-class PrivateRedisCluster:
+class PrivateRedisCluster(_Started):
     """A local Redis Cluster of ``masters`` primaries (no replicas), on free loopback ports.
 
     Each node is ``redis-server --cluster-enabled yes`` with its data in ``base_dir``; the
@@ -504,16 +517,9 @@ class PrivateRedisCluster:
     def url(self) -> str:
         return f"redis://{LOOPBACK}:{self.ports[0]}"
 
-    def __enter__(self) -> PrivateRedisCluster:
-        try:
-            self.start()
-        except BaseException:
-            self.close()
-            raise
-        return self
-
     def __exit__(self, *exc: object) -> None:
         self.close()
+
 
     def start(self) -> None:
         self.base_dir.mkdir(parents=True, exist_ok=True)
@@ -532,7 +538,7 @@ class PrivateRedisCluster:
             self.ports.append(port)
             self.nodes.append(process)
         for port, process in zip(self.ports, self.nodes, strict=True):
-            wait_until(lambda p=port: self._cli(p, "ping").stdout.strip() == "PONG",
+            wait_until(functools.partial(self._pong, port),
                        timeout=self.STARTUP_TIMEOUT, what=f"redis node {port}",
                        alive=process.running, diagnostics=process.log_tail)
         created = subprocess.run(
@@ -544,6 +550,9 @@ class PrivateRedisCluster:
                                      f"\n{created.stderr}")
         wait_until(self._ok, timeout=self.STARTUP_TIMEOUT, what="redis cluster state ok",
                    diagnostics=lambda: self._cli(self.ports[0], "cluster", "info").stdout)
+
+    def _pong(self, port: int) -> bool:
+        return self._cli(port, "ping").stdout.strip() == "PONG"
 
     def _ok(self) -> bool:
         return all("cluster_state:ok" in self._cli(p, "cluster", "info").stdout

@@ -219,14 +219,19 @@ class Drainer:
             evalsha(pipe, self._finish.sha, finish_keys, finish_argv)
         if control is pipe:  # one Redis: the replies follow the results they announce
             self._publish(pipe, "PUBLISH", outcomes, envelopes)
-        granted, refused = self.count(control, envelopes, outcomes)
+        tally = stats.tally((env.op, result.status, result.body)
+                            for pid, outcome in outcomes.items() for env in envelopes[pid]
+                            if (result := outcome.results.get(env.id)) is not None)
         stats.record_batch(
             control, size=size, apply_seconds=committed - started,
             commit_seconds=max((o.commit_seconds for o in outcomes.values()), default=0.0),
-            queue_wait_seconds=waited,
-            outcomes=stats.tally((env.op, result.status, result.body)
-                                 for pid, outcome in outcomes.items() for env in envelopes[pid]
-                                 if (result := outcome.results.get(env.id)) is not None))
+            queue_wait_seconds=waited, outcomes=tally)
+        dead = sum(len(outcome.dead) for outcome in outcomes.values())
+        if dead:
+            control.incrby(keys.DEAD_LETTERS, dead)
+        granted = tally.get(f"hold:{stats.OK}", 0)  # (the log line's figures)
+        refused = sum(n for key, n in tally.items() if key.startswith("hold:")) \
+            - granted - tally.get(f"hold:{stats.ERROR}", 0)
         control.zadd(keys.DRAINERS, {self.name: int(time.time() * 1000)})  # heartbeat
         control.llen(keys.READY)
         replies = pipe.execute(raise_on_error=False)
@@ -296,21 +301,6 @@ class Drainer:
                             product_id, admitted, fields, results, {},
                             sorted(set(delete)), adders))
 
-    def count(self, pipe: Any, envelopes: dict[int, list[Envelope]],
-              outcomes: dict[int, Outcome]) -> tuple[int, int]:
-        """Holds granted and refused in the round (for the log), and the dead letters
-        (for the shared counter that /metrics exposes)."""
-        granted = refused = dead = 0
-        for pid, batch in envelopes.items():
-            holds = [_status(outcomes[pid], e.id) for e in batch if e.op == "hold"]
-            granted += holds.count(201)
-            refused += holds.count(409)
-            dead += len(outcomes[pid].dead)
-        if dead:
-            pipe.incrby(keys.DEAD_LETTERS, dead)
-        return granted, refused
-
-
 def _unique(batch: list[Envelope]) -> list[Request]:
     """The batch's requests, each request id once even if it was queued twice."""
     requests, seen = [], set()
@@ -336,8 +326,3 @@ def _decode(raw: list[bytes]) -> tuple[list[Envelope], dict[str, Result]]:
                 unreadable[job_id] = Result(500, problem(
                     500, detail="The request could not be read", slug="set-aside"))
     return batch, unreadable
-
-
-def _status(outcome: Outcome, job_id: str) -> int:
-    result: Result | None = outcome.results.get(job_id)
-    return result.status if result else 0
