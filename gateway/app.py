@@ -75,8 +75,8 @@ async def _redis(app: web.Application) -> AsyncIterator[None]:
     """The two Redis planes (workers.planes); on one Redis they are the same client.
 
     A restarting Redis drops connections: calls retry for about 5 s before the request
-    is answered 503. A retried push may queue a request twice; the drainer applies each
-    request id once.
+    is answered 503. A push retried after it ran finds its job key and queues nothing
+    more (PUSH's 'once' flag); the drainer applies each request id once in any case.
     """
     settings = app[SETTINGS]
     planes = AsyncPlanes.connect(settings, REDIS_MAX_CONNECTIONS)

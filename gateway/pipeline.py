@@ -77,8 +77,8 @@ class AutoPipeline:
 
     async def _send(self, batch: list[tuple[tuple[Any, ...], asyncio.Future[Any]]]) -> None:
         """Send the batch; commands that met a broken connection (a Redis restarting, a
-        cluster node whose slots are moving) are sent again. A push sent twice is
-        harmless: the drainer applies each request id once."""
+        cluster node whose slots are moving) are sent again. A push sent twice queues
+        once (PUSH checks its job key), and the drainer applies each request id once."""
         try:
             await self._send_retrying(batch)
         except BaseException as exc:  # cancelled: no caller may wait for ever

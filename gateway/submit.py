@@ -37,6 +37,7 @@ from workers.protocol import (
     KEYED,
     MISSING,
     MUST_EXIST,
+    ONCE,
     PUSH,
     READY,
     Envelope,
@@ -227,7 +228,7 @@ async def _push(app: web.Application, write: Write, wait: float) -> Answer:
     app[METRICS].track(write.product_id)
     future = hub.expect(write.job_id)
     unknown = {"status": 404, "body": write.unknown or not_found("Product", write.product_id)}
-    flags = (KEYED if keyed else "") + (MUST_EXIST if write.must_exist else "")
+    flags = (KEYED if keyed else ONCE) + (MUST_EXIST if write.must_exist else "")
     args = push_args(envelope, write.admission_qty, settings.job_ttl_seconds, WAKE_TTL_MS,
                      flags, orjson.dumps(unknown) if keyed else b"",
                      _sold_out_template(write.admission_qty) if keyed else b"")

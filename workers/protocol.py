@@ -23,9 +23,11 @@ QUEUED, PROCESSING = "queued", "processing"
 # push: KEYS queue, product, wake, job
 #       ARGV envelope, qty (0: no admission), job ttl s, wake ttl ms, flags,
 #            answer when the product does not exist, answer when sold out (keyed only)
-# flags: 'k' keyed (an Idempotency-Key: queued at most once per job id while its job key
-#        lives, and an answer decided here is stored as the job's result, atomically with
-#        the decision, so that a duplicate replays it), 'p' the product must exist,
+# flags: 'o' once: queued at most once per job id while its job key lives (a push that
+#        the gateway sends again after a dropped connection, when the first one may have
+#        run, queues and charges nothing more), 'k' keyed (an Idempotency-Key: once, and
+#        an answer decided here is stored as the job's result, atomically with the
+#        decision, so that a duplicate replays it), 'p' the product must exist,
 #        'a' may add units (restock, failed payment, expiry): holds queued behind it are
 #        not refused here, since it may make them possible.
 # -> {0} queued | {1} queued, enqueue a drain job | {2, available} sold out
@@ -33,7 +35,9 @@ QUEUED, PROCESSING = "queued", "processing"
 PUSH = """
 local flags = ARGV[5]
 local keyed = string.find(flags, 'k', 1, true)
-if keyed and redis.call('EXISTS', KEYS[4]) == 1 then return {5} end
+if (keyed or string.find(flags, 'o', 1, true)) and redis.call('EXISTS', KEYS[4]) == 1 then
+  return {5}
+end
 local qty = tonumber(ARGV[2])
 if qty > 0 or string.find(flags, 'p', 1, true) then
   local h = redis.call('HMGET', KEYS[2], 'available', 'queued', 'missing', 'adders')
@@ -220,7 +224,7 @@ class Envelope:
 
 
 # Flags of PUSH.
-KEYED, MUST_EXIST, ADDS_UNITS = "k", "p", "a"
+ONCE, KEYED, MUST_EXIST, ADDS_UNITS = "o", "k", "p", "a"
 
 
 def adds_units(op: str, args: dict[str, Any]) -> bool:

@@ -396,3 +396,29 @@ def test_release_deletes_only_our_own_lease(r: fakeredis.FakeRedis) -> None:
     assert r.get(keys.lease(PID)) == b"other"
     assert release(keys=[keys.lease(PID)], args=["other"]) == 1
     assert r.exists(keys.lease(PID)) == 0
+
+
+def test_a_push_sent_again_after_it_ran_queues_and_charges_nothing(r: fakeredis.FakeRedis
+                                                                  ) -> None:
+    # The gateway resends a push whose reply a restarting Redis dropped: the first one may
+    # have run. Charged twice, the admission counter would refuse the last units at once
+    # (409) while nobody is left to take them.
+    cache_product(r, available=1)
+
+    assert push(r, envelope(1), qty=1, flags="o") == [1]
+    assert push(r, envelope(1), qty=1, flags="o") == [5]
+    assert push(r, envelope(2), qty=1, flags="o") == [2, 0]
+
+    assert r.llen(keys.queue(PID)) == 1
+    assert field(r, "queued") == b"1"
+
+
+def test_a_replayed_dead_letter_is_queued_again_under_its_job_id(r: fakeredis.FakeRedis
+                                                                ) -> None:
+    # flashsale dead-letters --replay pushes without 'o': the job key holds the first
+    # attempt's answer, and the replay must still be queued.
+    cache_product(r, available=5)
+    r.set(keys.job(job_id(1)), b'{"status":500}')
+
+    assert push(r, envelope(1), qty=1) == [1]
+    assert r.llen(keys.queue(PID)) == 1
