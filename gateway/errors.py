@@ -19,6 +19,18 @@ log = logging.getLogger("flashsale.gateway")
 PROBLEM_JSON = "application/problem+json"
 
 
+def body_bytes(doc: Any) -> bytes:
+    """``doc`` as JSON, in a bytes object of its own size, for a response body.
+
+    orjson (3.12 and later) returns its output in the buffer it wrote it into, at least
+    4 KB, without shrinking it. A response body lives as long as aiohttp keeps the
+    connection's last response, i.e. until the client's next request: at 2,500 open
+    connections per gateway those buffers were 10 MB. Copying the few bytes costs about
+    0.1 us.
+    """
+    return bytes(memoryview(orjson.dumps(doc)))
+
+
 class ProblemError(Exception):
     """Raised by handlers to answer with a problem document."""
 
@@ -30,7 +42,7 @@ class ProblemError(Exception):
 
 def problem_response(doc: dict[str, Any], headers: dict[str, str] | None = None
                      ) -> web.Response:
-    return web.Response(status=int(doc["status"]), body=orjson.dumps(doc),
+    return web.Response(status=int(doc["status"]), body=body_bytes(doc),
                         content_type=PROBLEM_JSON, headers=headers)
 
 

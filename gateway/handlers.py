@@ -18,7 +18,7 @@ from flashsale.limits import is_visible_ascii, parse_product_id
 from flashsale.problems import not_found, problem
 from gateway import schemas
 from gateway.customers import idempotency_scope, rate_limit, token_customer
-from gateway.errors import ProblemError
+from gateway.errors import ProblemError, body_bytes
 from gateway.replies import job_status
 from gateway.submit import (
     Answer,
@@ -43,7 +43,7 @@ JSON = "application/json"
 
 def json_response(body: Any, status: int = 200, headers: dict[str, str] | None = None
                   ) -> web.Response:
-    return web.Response(status=status, body=orjson.dumps(body), content_type=JSON,
+    return web.Response(status=status, body=body_bytes(body), content_type=JSON,
                         headers=headers)
 
 
@@ -99,7 +99,7 @@ def respond(answer: Answer, prefer: Preference, location: str | None = None) -> 
 def _result_response(result: dict[str, Any], headers: dict[str, str]) -> web.Response:
     status = int(result["status"])
     content_type = "application/problem+json" if status >= 400 else JSON
-    return web.Response(status=status, body=orjson.dumps(result["body"]),
+    return web.Response(status=status, body=body_bytes(result["body"]),
                         content_type=content_type, headers=headers)
 
 
