@@ -26,6 +26,9 @@ POLL_SECONDS = 1.0
 # away (503 with Retry-After) before anything is queued: each waiter holds its request
 # and connection in memory, and at the drainers' pace a longer line only adds latency.
 MAX_WAITING = 1000
+# Products whose last push here was refused at once (sold out), remembered so that a full
+# waiting room does not turn their refusals away; at most this many (then forgotten).
+MAX_SOLD_OUT_HINTS = 10_000
 
 
 class ReplyHub:
@@ -39,6 +42,7 @@ class ReplyHub:
         self.pipe = pipe
         self.max_waiting = max_waiting
         self.waiters = 0  # requests inside wait()
+        self._sold_out: set[int] = set()  # products whose last push here was refused
         self.channel = keys.reply_channel(secrets.token_hex(8))
         self._waiting: dict[str, asyncio.Future[dict[str, Any]]] = {}
         self._task: asyncio.Task[None] | None = None
@@ -93,10 +97,29 @@ class ReplyHub:
             if future is not None and not future.done():
                 future.set_result(result)
 
+    def note_push(self, product_id: int, sold_out: bool) -> None:
+        """Remember whether the product's last push here was refused at once (sold out)."""
+        if not sold_out:
+            self._sold_out.discard(product_id)
+        elif product_id not in self._sold_out:
+            if len(self._sold_out) >= MAX_SOLD_OUT_HINTS:
+                self._sold_out.clear()
+            self._sold_out.add(product_id)
+
+    def may_shed(self, product_id: int) -> bool:
+        """Whether a write on this product that would wait is turned away (503): the
+        waiting room is full, and the product was not sold out at its last push here.
+        A hold on a sold-out product is refused in one Redis call without waiting, so it
+        goes on to hear its 409 (if a restock made it possible meanwhile, it waits, one
+        past the bound, and the next one is turned away)."""
+        return self.full and product_id not in self._sold_out
+
     @property
     def full(self) -> bool:
-        """Whether as many requests wait for answers as this gateway lets wait."""
-        return self.waiters >= self.max_waiting
+        """Whether as many requests wait for answers as this gateway lets wait: those
+        registered for a reply (counted from ``expect``, before their push is even sent,
+        so that a burst arriving in one loop turn is bounded too) or inside ``wait``."""
+        return max(len(self._waiting), self.waiters) >= self.max_waiting
 
     def expect(self, job_id: str) -> asyncio.Future[dict[str, Any]]:
         """Register interest before pushing, so an early reply is not missed."""
@@ -128,6 +151,8 @@ class ReplyHub:
                     return status, result
         finally:
             self.waiters -= 1
+            if future is not None and self._waiting.get(job_id) is future:
+                del self._waiting[job_id]  # answered 202 (or by a poll): stop expecting
             self.forget(job_id)
 
     async def status(self, job_id: str) -> tuple[str, dict[str, Any] | None]:

@@ -178,10 +178,11 @@ async def submit(app: web.Application, write: Write, wait: float) -> Answer:
     """Queue ``write`` (or find its earlier twin) and wait up to ``wait`` seconds.
 
     When this gateway already has its fill of requests waiting, a request that would
-    wait is turned away before anything is queued: 503 with Retry-After, at once.
+    wait is turned away before anything is queued: 503 with Retry-After, at once (but
+    not one for a product sold out at its last push here: see ReplyHub.may_shed).
     """
     settings = app[SETTINGS]
-    if wait > 0 and app[REPLIES].full:
+    if wait > 0 and app[REPLIES].may_shed(write.product_id):
         app[METRICS].shed.inc()
         raise ProblemError(busy(), {"Retry-After": str(RETRY_AFTER_BUSY_S)})
     if write.idempotency is not None:
@@ -237,6 +238,8 @@ async def _push(app: web.Application, write: Write, wait: float) -> Answer:
     if code[0] == 3:  # product not cached yet: read it once, then try again
         await cache_product(app, write.product_id)
         code = await app[SCRIPTS].push(keys=push_keys_, args=args)
+    if code[0] in (0, 1, 2):
+        hub.note_push(write.product_id, sold_out=code[0] == 2)
     if code[0] in (2, 3, 4):  # decided here; a keyed answer was stored by the script
         hub.forget(write.job_id)
         if code[0] != 2:

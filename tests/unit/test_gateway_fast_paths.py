@@ -98,3 +98,45 @@ async def test_a_client_that_does_not_wait_is_not_turned_away() -> None:
     with pytest.raises(KeyError):  # it went on towards Redis (absent here): not shed
         await submit(app, write, wait=0.0)
     assert app[METRICS].shed._value.get() == 0
+
+
+async def test_requests_registered_for_a_reply_count_before_they_wait() -> None:
+    # A burst arrives in one loop turn: every request registers for its reply before any
+    # push is sent, so none is inside wait() yet. They must fill the waiting room all the
+    # same, or a burst of 5,000 all wait (and all hold their memory).
+    hub = ReplyHub(conn=None, max_waiting=2)  # type: ignore[arg-type]
+    hub.expect("job_5_0000000000000001")
+    assert not hub.full
+    hub.expect("job_5_0000000000000002")
+    assert hub.full
+    hub.forget("job_5_0000000000000001")
+    assert not hub.full
+
+
+async def test_a_waiter_answered_202_stops_expecting_its_reply() -> None:
+    # Its reply may never come (a reply channel lost with Redis): it must not hold a
+    # place in the waiting room for ever.
+    class NoJob:
+        async def status(self, job_id: str) -> tuple[str, None]:
+            return "queued", None
+
+    hub = ReplyHub(conn=None, max_waiting=1)  # type: ignore[arg-type]
+    hub.status = NoJob().status  # type: ignore[method-assign]
+    future = hub.expect("job_5_0000000000000001")
+    assert hub.full
+
+    assert await hub.wait("job_5_0000000000000001", future, 0.01) == ("queued", None)
+
+    assert not hub.full and hub.waiters == 0
+
+
+async def test_a_full_gateway_still_lets_holds_on_a_sold_out_product_hear_their_409() -> None:
+    # A sold-out rush is refused in one Redis call each and never waits: turning it away
+    # with 503 would only make the clients come back.
+    hub = ReplyHub(conn=None, max_waiting=1)  # type: ignore[arg-type]
+    hub.expect("job_5_0000000000000001")
+    hub.note_push(6, sold_out=True)
+
+    assert hub.may_shed(5) and not hub.may_shed(6)
+    hub.note_push(6, sold_out=False)  # restocked: its holds wait again, and are bounded
+    assert hub.may_shed(6)
