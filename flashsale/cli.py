@@ -44,8 +44,7 @@ def init_database(settings: Settings) -> None:
 
 
 def cmd_web(args: argparse.Namespace) -> None:
-    from aiohttp import web
-
+    from gateway import server
     from gateway.app import create_app
 
     settings = load_settings()
@@ -56,8 +55,8 @@ def cmd_web(args: argparse.Namespace) -> None:
     except ImportError:  # pragma: no cover - uvloop is optional off Linux/macOS
         pass
     # A crowd arrives at once: a deep listen backlog keeps the kernel from dropping SYNs.
-    web.run_app(create_app(settings), host=args.host, port=settings.port, access_log=None,
-                backlog=4096, print=lambda msg: log.info(msg.strip()))
+    server.run(create_app(settings), host=args.host, port=settings.port, backlog=4096,
+               announce=log.info)
 
 
 def cmd_worker(args: argparse.Namespace) -> None:

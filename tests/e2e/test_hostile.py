@@ -84,6 +84,9 @@ BAD_HEADERS = [
     b"Idempotency-Key: \xff\xfe\xfd",
     b"Idempotency-Key: caf\xc3\xa9",
     b'Idempotency-Key: "\x01"',
+    b"Idempotency-Key: a\x7fb",  # control bytes: refused by aiohttp's parser itself
+    b"Idempotency-Key: a\x00b",
+    b"X-Anything: \x1b[31m",
     b"Authorization: Bearer \xc3\xa9\xff",
     b"Prefer: wait=\xd9\xa3",  # an Arabic-Indic three
     b"Prefer: wait=nan",
@@ -107,7 +110,10 @@ async def test_bad_header_bytes_fail_alone_beside_good_traffic(
         head = (b"POST " + path + b" HTTP/1.1\r\nHost: x\r\n"
                 b"Content-Type: application/json\r\n" + header + b"\r\n")
         url = hostile_service.web_urls[n % 2]
-        status, _ = await raw_request(url, head, body)
+        status, rest = await raw_request(url, head, body)
+        if status >= 400:  # API.md invariant 5: a problem document, whoever refused it
+            assert b"\r\ncontent-type: application/problem+json" in b"\r\n" + rest.lower(), (
+                header, rest[:300])
         return header, status
 
     async def good(n: int) -> int:
@@ -123,6 +129,22 @@ async def test_bad_header_bytes_fail_alone_beside_good_traffic(
     # Only the requests with a usable header (odd Prefer values are ignored) took stock.
     product = await hapi.wait_product(pid, timeout=SETTLE_SECONDS, stock=1000)
     assert product["available"] >= 1000 - 120
+
+
+async def test_a_request_the_http_parser_refuses_gets_a_problem_document(
+    hostile_service: ServiceInstance
+) -> None:
+    # Refused by aiohttp's parser before the application sees it (gateway/server.py).
+    for head in (b"GET /api/prod\x01ucts/1 HTTP/1.1\r\nHost: x\r\n",
+                 b"GET /api/products/1 HTTP/1.1\r\nHost: x\r\nX-A: a\x01b\r\n",
+                 b"GET /api/products/1 HTTP/1.1\r\nHost: x\r\nX-A: a\x7fb\r\n",
+                 b"G\x00T /api/products/1 HTTP/1.1\r\nHost: x\r\n"):
+        status, rest = await raw_request(hostile_service.web_urls[0], head)
+        headers, _, body = rest.partition(b"\r\n\r\n")
+        assert status == 400, (head, rest[:300])
+        assert b"content-type: application/problem+json" in headers.lower(), (head, headers)
+        doc = json.loads(body)
+        assert doc["status"] == 400 and doc["type"] and doc["title"] and doc["detail"], doc
 
 
 async def test_bad_key_in_an_idempotent_request_is_400(hapi: Api) -> None:
