@@ -130,6 +130,12 @@ class ReplyHub:
     def forget(self, job_id: str) -> None:
         self._waiting.pop(job_id, None)
 
+    def discard(self, job_id: str, future: asyncio.Future[dict[str, Any]]) -> None:
+        """Stop expecting ``job_id`` for this ``future`` (not for another request of this
+        gateway that registered the same job id since, e.g. a keyed duplicate)."""
+        if self._waiting.get(job_id) is future:
+            del self._waiting[job_id]
+
     async def wait(self, job_id: str, future: asyncio.Future[dict[str, Any]] | None,
                    timeout: float) -> tuple[str, dict[str, Any] | None]:
         """Wait up to ``timeout`` s; returns (status, result) with status queued|processing|done."""
@@ -151,8 +157,8 @@ class ReplyHub:
                     return status, result
         finally:
             self.waiters -= 1
-            if future is not None and self._waiting.get(job_id) is future:
-                del self._waiting[job_id]  # answered 202 (or by a poll): stop expecting
+            if future is not None:  # answered 202 (or by a poll): stop expecting
+                self.discard(job_id, future)
             self.forget(job_id)
 
     async def status(self, job_id: str) -> tuple[str, dict[str, Any] | None]:

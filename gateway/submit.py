@@ -220,14 +220,24 @@ async def _replay(app: web.Application, write: Write, seen: str, wait: float) ->
 
 
 async def _push(app: web.Application, write: Write, wait: float) -> Answer:
-    settings, hub = app[SETTINGS], app[REPLIES]
-    keyed = write.idempotency is not None
+    hub = app[REPLIES]
     envelope = Envelope(id=write.job_id, op=write.op, args=write.args,
                         idem=(f"{write.idempotency[0]}:{write.idempotency[1]}",
                               write.fingerprint) if write.idempotency else None,
                         reply=hub.channel)
     app[METRICS].track(write.product_id)
     future = hub.expect(write.job_id)
+    try:
+        return await _push_expected(app, write, wait, envelope, future)
+    except BaseException:  # Redis or the database failed it: it holds no place in the room
+        hub.discard(write.job_id, future)
+        raise
+
+
+async def _push_expected(app: web.Application, write: Write, wait: float, envelope: Envelope,
+                         future: asyncio.Future[dict[str, Any]]) -> Answer:
+    settings, hub = app[SETTINGS], app[REPLIES]
+    keyed = write.idempotency is not None
     unknown = {"status": 404, "body": write.unknown or not_found("Product", write.product_id)}
     flags = (KEYED if keyed else ONCE) + (MUST_EXIST if write.must_exist else "")
     args = push_args(envelope, write.admission_qty, settings.job_ttl_seconds, WAKE_TTL_MS,

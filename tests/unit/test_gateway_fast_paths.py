@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 from aiohttp import web
 from marshmallow import ValidationError
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from flashsale.config import Settings
 from gateway import schemas
@@ -16,7 +17,7 @@ from gateway.handlers import plain_hold
 from gateway.metrics import Metrics
 from gateway.replies import ReplyHub
 from gateway.submit import Write, submit
-from gateway.typedefs import METRICS, REPLIES, SETTINGS
+from gateway.typedefs import METRICS, REPLIES, SCRIPTS, SETTINGS
 
 BODIES: list[Any] = [
     {"product_id": 5, "qty": 1},
@@ -140,3 +141,19 @@ async def test_a_full_gateway_still_lets_holds_on_a_sold_out_product_hear_their_
     assert hub.may_shed(5) and not hub.may_shed(6)
     hub.note_push(6, sold_out=False)  # restocked: its holds wait again, and are bounded
     assert hub.may_shed(6)
+
+
+async def test_a_push_that_failed_holds_no_place_in_the_waiting_room() -> None:
+    # Redis unreachable: the request is answered 503 by the error middleware. Were it to
+    # stay registered, an outage would fill the waiting room for good.
+    class Unreachable:
+        async def push(self, keys: list[str], args: list[Any]) -> list[int]:
+            raise RedisConnectionError("Connection refused")
+
+    app = app_with_waiters(waiting=0, bound=1)
+    app[SCRIPTS] = Unreachable()  # type: ignore[assignment]
+    write = Write(product_id=5, op="hold", args={"product_id": 5, "qty": 1})
+    with pytest.raises(RedisConnectionError):
+        await submit(app, write, wait=5.0)
+
+    assert not app[REPLIES].full
