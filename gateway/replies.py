@@ -158,8 +158,7 @@ class ReplyHub:
         finally:
             self.waiters -= 1
             if future is not None:  # answered 202 (or by a poll): stop expecting
-                self.discard(job_id, future)
-            self.forget(job_id)
+                self.discard(job_id, future)  # (a replay, future None, registered nothing)
 
     async def status(self, job_id: str) -> tuple[str, dict[str, Any] | None]:
         """The job key's state, read through the auto-pipeline when there is one."""

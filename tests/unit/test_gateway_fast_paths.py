@@ -157,3 +157,21 @@ async def test_a_push_that_failed_holds_no_place_in_the_waiting_room() -> None:
         await submit(app, write, wait=5.0)
 
     assert not app[REPLIES].full
+
+
+async def test_a_replay_that_stops_waiting_leaves_the_first_request_registered() -> None:
+    # Two requests with one Idempotency-Key on one gateway: the second waits on the first
+    # one's job without a registration of its own; when it gives up, the first request
+    # must still get its reply by message (not a poll a second later).
+    class NoJob:
+        async def status(self, job_id: str) -> tuple[str, None]:
+            return "queued", None
+
+    hub = ReplyHub(conn=None)  # type: ignore[arg-type]
+    hub.status = NoJob().status  # type: ignore[method-assign]
+    first = hub.expect("job_5_0000000000000001")
+
+    await hub.wait("job_5_0000000000000001", None, 0)
+
+    hub._dispatch(b'[["job_5_0000000000000001", {"status": 201, "body": {}}]]')
+    assert first.done() and first.result() == {"status": 201, "body": {}}
