@@ -24,8 +24,8 @@ from gateway.errors import PROBLEM_JSON, body_bytes
 
 log = logging.getLogger("flashsale.gateway")
 
-UNPARSABLE = ("The request is not valid HTTP/1.1: a malformed request line or header "
-              "(header values and paths must be printable ASCII)")
+UNPARSABLE = ("The request is not valid HTTP/1.1: a malformed request line, header or "
+              "body framing (header values and paths must be printable ASCII)")
 
 
 class ProblemRequestHandler(web.RequestHandler):
