@@ -24,6 +24,10 @@ from gateway.errors import PROBLEM_JSON, body_bytes
 
 log = logging.getLogger("flashsale.gateway")
 
+# What web.run_app gives (aiohttp's protocol default, without it, is an hour): an idle
+# keep-alive connection is closed after this long.
+KEEPALIVE_SECONDS = 75.0
+
 UNPARSABLE = ("The request is not valid HTTP/1.1: a malformed request line, header or "
               "body framing (header values and paths must be printable ASCII)")
 
@@ -68,7 +72,8 @@ class ProblemAppRunner(web.AppRunner):
 
 async def _serve(app: web.Application, host: str, port: int, backlog: int,
                  announce: Callable[[str], Any]) -> None:
-    runner = ProblemAppRunner(app, access_log=None, handle_signals=True)
+    runner = ProblemAppRunner(app, access_log=None, handle_signals=True,
+                              keepalive_timeout=KEEPALIVE_SECONDS)
     await runner.setup()
     try:
         site = web.TCPSite(runner, host, port, backlog=backlog)
