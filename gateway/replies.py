@@ -127,9 +127,6 @@ class ReplyHub:
         self._waiting[job_id] = future
         return future
 
-    def forget(self, job_id: str) -> None:
-        self._waiting.pop(job_id, None)
-
     def discard(self, job_id: str, future: asyncio.Future[dict[str, Any]]) -> None:
         """Stop expecting ``job_id`` for this ``future`` (not for another request of this
         gateway that registered the same job id since, e.g. a keyed duplicate)."""

@@ -251,7 +251,7 @@ async def _push_expected(app: web.Application, write: Write, wait: float, envelo
     if code[0] in (0, 1, 2):
         hub.note_push(write.product_id, sold_out=code[0] == 2)
     if code[0] in (2, 3, 4):  # decided here; a keyed answer was stored by the script
-        hub.forget(write.job_id)
+        hub.discard(write.job_id, future)
         if code[0] != 2:
             return Answer(write.job_id, unknown)
         app[METRICS].holds_refused_fast.inc()
@@ -260,7 +260,7 @@ async def _push_expected(app: web.Application, write: Write, wait: float, envelo
     if code[0] == 1:
         await _wake(app, write.product_id)
     if wait <= 0:  # respond-async (or wait=0): 202 at once, even if a drainer was quicker
-        hub.forget(write.job_id)
+        hub.discard(write.job_id, future)
         return Answer(write.job_id, None, "queued", _resource(write))
     status, result = await hub.wait(write.job_id, future, wait)
     return Answer(write.job_id, result, status, _resource(write))

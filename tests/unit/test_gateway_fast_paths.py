@@ -106,11 +106,11 @@ async def test_requests_registered_for_a_reply_count_before_they_wait() -> None:
     # push is sent, so none is inside wait() yet. They must fill the waiting room all the
     # same, or a burst of 5,000 all wait (and all hold their memory).
     hub = ReplyHub(conn=None, max_waiting=2)  # type: ignore[arg-type]
-    hub.expect("job_5_0000000000000001")
+    first = hub.expect("job_5_0000000000000001")
     assert not hub.full
     hub.expect("job_5_0000000000000002")
     assert hub.full
-    hub.forget("job_5_0000000000000001")
+    hub.discard("job_5_0000000000000001", first)
     assert not hub.full
 
 
