@@ -46,6 +46,10 @@ STARTUP_TIMEOUT = 30.0  # every web answering /healthz 200
 RELEASE_TIMEOUT = 90.0  # the schema migration
 STOP_GRACE = 5.0  # SIGTERM, then SIGKILL
 REDIS_DB_INDEXES = range(8, 16)
+# Marks a Redis database as an instance's, with the pid of the test process that claimed
+# it: two factories of one session (e2e and fuzz), or two test runs on one machine, never
+# share a database, and a database left behind by a killed run is taken back.
+CLAIM_KEY = "e2e:claimed-by"
 WEBS, WORKERS, SCHEDULERS = 2, 2, 1
 
 # API.md: the product cache reflects a committed operation within 1 s; 1 s of slack for a
@@ -73,6 +77,16 @@ CONFIG_VARS = (
     "REDIS_CLUSTER_URL",
     *DEFAULT_ENV,
 )
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, someone else's
+        return True
+    return True
 
 
 class ServiceStartError(Exception):
@@ -383,24 +397,30 @@ class ServiceFactory:
         instance.stop()
         resources = self._resources.pop(instance.name, None)
         if resources is not None:
-            self._flush_redis(resources.redis_db)
+            self._flush_redis(resources.redis_db, keep_claim=False)
             self._drop_database(resources.database)
 
     def _claim_redis_db(self) -> int:
-        """An index in 8..15 not used by this session, preferring an empty one."""
+        """An index in 8..15 that no live test process has claimed (CLAIM_KEY), emptied
+        and claimed for this one."""
         taken = {r.redis_db for r in self._resources.values()}
-        free = [i for i in REDIS_DB_INDEXES if i not in taken]
-        if not free:
-            raise ServiceStartError("all Redis databases 8..15 are in use by this session")
-        for index in free:
+        for index in REDIS_DB_INDEXES:
+            if index in taken:
+                continue
             with redis.Redis.from_url(procs.with_redis_db(self.redis_url, index)) as client:
-                if client.dbsize() == 0:
+                owner = client.get(CLAIM_KEY)
+                if owner is not None and _process_alive(int(owner)):
+                    continue  # another factory's (the fuzz tier's, another run's)
+                client.flushdb()  # what a killed run left behind
+                if client.set(CLAIM_KEY, os.getpid(), nx=True):
                     return index
-        return free[0]
+        raise ServiceStartError("all Redis databases 8..15 are claimed by live test processes")
 
-    def _flush_redis(self, index: int) -> None:
+    def _flush_redis(self, index: int, keep_claim: bool = True) -> None:
         with redis.Redis.from_url(procs.with_redis_db(self.redis_url, index)) as client:
             client.flushdb()
+            if keep_claim:
+                client.set(CLAIM_KEY, os.getpid())
 
     def _mysql(self) -> pymysql.connections.Connection:
         kwargs = services.mysql_connect_kwargs(self.mysql_url)
