@@ -36,6 +36,7 @@ import redis
 
 from flashsale.clock import now_ms
 from workers import keys
+from workers.decide import ProductState
 from workers.planes import HEARTBEAT_MS, Planes, as_planes
 
 CACHE, WAKE = "cache", "wake"  # what --repair can fix
@@ -79,15 +80,9 @@ class Finding:
 # --- the database, read in one snapshot ---------------------------------------------------
 
 @dataclass
-class Stored:
+class Stored(ProductState):
     """One product as the database has it, with the figures its counters must match."""
 
-    id: int
-    name: str
-    price_cents: int
-    currency: str
-    stock: int
-    reserved: int
     held: int = 0  # units of active holds
     ordered: int = 0  # units of pending_payment orders
     # what was stocked at a known time (creation or the last restock, from the requests
@@ -444,9 +439,7 @@ def row_view(pid: int) -> dict[str, Any] | None:
                  "WHERE id = %s", [pid])
     if not rows:
         return None
-    name, price, currency, stock, reserved = rows[0]
-    return {"id": pid, "name": name, "price_cents": price, "currency": currency,
-            "stock": stock, "available": max(stock - reserved, 0)}
+    return ProductState(pid, *rows[0]).view()
 
 
 def audit_live(conn: Any, pid: int, control: Control) -> list[Finding]:
