@@ -90,6 +90,8 @@ async def _redis(app: web.Application) -> AsyncIterator[None]:
     await app[REPLIES].start()
     yield
     await app[REPLIES].stop()
+    for pipe in {data_pipe, control_pipe}:
+        await pipe.aclose()
     await planes.close()
     app[SYNC_REDIS].close()
 

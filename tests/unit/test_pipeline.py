@@ -2,19 +2,25 @@
 
 A Redis that stops (a restart, a failover) may have run a pipeline's commands and lost
 their replies: the gateway sends them again. These tests drop the replies of the first
-pipeline on purpose, over fakeredis, and look at what the second sending did.
+pipeline on purpose, over fakeredis, and look at what the second sending did. Then the
+connection the auto-pipeline keeps for a standalone Redis: replies in order, errors,
+a lost connection.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
 import fakeredis
+import hiredis
 import pytest
+import redis.asyncio
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
 
-from gateway.pipeline import AutoPipeline
+from gateway.pipeline import RETRY_PAUSE_S, AutoPipeline
 from workers import keys
 from workers.protocol import ONCE, PUSH, Envelope, push_args, push_keys
 
@@ -119,3 +125,162 @@ async def test_without_once_the_resent_push_would_charge_twice(
 
     assert await server.llen(keys.queue(PID)) == 2
     assert await server.hget(keys.product(PID), "queued") == b"2"
+
+
+# A standalone client's batches go over a connection the auto-pipeline keeps, written as
+# they are flushed and answered in order by one reader: each caller must get its own
+# reply, whatever else is in flight.
+
+async def test_concurrent_callers_each_get_their_own_reply(
+        server: fakeredis.FakeAsyncRedis) -> None:
+    pipe = AutoPipeline(server)
+    try:
+        async def caller(n: int) -> tuple[Any, Any, Any]:
+            await pipe.execute("SET", f"k{n}", f"v{n}")
+            await pipe.execute("HSET", f"h{n}", "n", n)
+            return (await pipe.execute("GET", f"k{n}"), await pipe.execute("HGETALL", f"h{n}"),
+                    await pipe.execute("INCR", "count"))
+
+        answers = await asyncio.gather(*(caller(n) for n in range(300)))
+
+        assert [a[0] for a in answers] == [f"v{n}".encode() for n in range(300)]
+        # the client's reply callbacks apply, as through its own pipeline
+        assert [a[1] for a in answers] == [{b"n": str(n).encode()} for n in range(300)]
+        assert sorted(a[2] for a in answers) == list(range(1, 301))
+    finally:
+        await pipe.aclose()
+
+
+async def test_an_error_reply_fails_its_caller_alone(server: fakeredis.FakeAsyncRedis) -> None:
+    await server.set("text", "x")
+    pipe = AutoPipeline(server)
+    try:
+        answers: tuple[Any, ...] = await asyncio.gather(
+            pipe.execute("GET", "text"), pipe.execute("INCR", "text"),
+            pipe.execute("INCR", "n"), return_exceptions=True)
+        good, bad, after = answers
+
+        assert good == b"x"
+        assert isinstance(bad, ResponseError)
+        assert after == 1
+        assert await pipe.execute("GET", "n") == b"1"  # the connection is still in use
+
+        with pytest.raises(UnicodeEncodeError):  # not UTF-8: this caller alone fails
+            await asyncio.gather(pipe.execute("SET", "k", "\udcff"), pipe.execute("INCR", "n"))
+        assert await pipe.execute("GET", "n") == b"2"
+    finally:
+        await pipe.aclose()
+
+
+@pytest.fixture
+async def redis_server() -> AsyncIterator[tuple[fakeredis.FakeServer, fakeredis.FakeAsyncRedis]]:
+    """A fake Redis server that a test can stop and start, and a client of it."""
+    fake = fakeredis.FakeServer()
+    conn = fakeredis.FakeAsyncRedis(server=fake)
+    yield fake, conn
+    await conn.aclose()
+
+
+async def test_commands_on_a_lost_connection_go_out_again_on_a_new_one(
+        redis_server: tuple[fakeredis.FakeServer, fakeredis.FakeAsyncRedis]) -> None:
+    fake, server = redis_server
+    pipe = AutoPipeline(server)
+    try:
+        assert await pipe.execute("INCR", "n") == 1
+        first = pipe._link
+        fake.connected = False  # Redis stops
+        pending = asyncio.gather(*(pipe.execute("INCR", "n") for _ in range(5)))
+        await asyncio.sleep(RETRY_PAUSE_S * 2)
+        fake.connected = True  # and is back
+
+        assert sorted(await pending) == [2, 3, 4, 5, 6]
+        assert pipe._link is not first and first is not None and first.broken
+    finally:
+        await pipe.aclose()
+
+
+async def test_a_connection_that_stays_down_fails_the_callers(
+        redis_server: tuple[fakeredis.FakeServer, fakeredis.FakeAsyncRedis]) -> None:
+    fake, server = redis_server
+    pipe = AutoPipeline(server)
+    try:
+        assert await pipe.execute("INCR", "n") == 1
+        fake.connected = False
+
+        with pytest.raises(RedisConnectionError):  # after the retries, about 0.75 s
+            await pipe.execute("INCR", "n")
+    finally:
+        fake.connected = True
+        await pipe.aclose()
+
+
+async def test_closing_answers_what_waits_and_stops_the_reader(
+        server: fakeredis.FakeAsyncRedis) -> None:
+    pipe = AutoPipeline(server)
+    assert await pipe.execute("PING") is True  # (the client's callback: PONG is True)
+    link = pipe._link
+    assert link is not None
+
+    await pipe.aclose()
+
+    assert link.broken and not link.conn.is_connected
+    await asyncio.sleep(0)
+    assert link._reader.done()
+
+
+
+class SilentRedis:
+    """A Redis stand-in on a local port: answers +OK to every command while ``silent`` is
+    not set, and then reads without answering (a server that hangs without closing its
+    connections)."""
+
+    def __init__(self) -> None:
+        self.silent = False
+        self.server: asyncio.Server | None = None
+
+    async def __aenter__(self) -> int:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        return int(self.server.sockets[0].getsockname()[1])
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self.server is not None
+        self.server.close()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        commands = hiredis.Reader()
+        try:
+            while data := await reader.read(65536):
+                commands.feed(data)
+                while commands.gets() is not False:
+                    if not self.silent:
+                        writer.write(b"+OK\r\n")
+        except ConnectionError:
+            pass
+        finally:
+            writer.close()
+
+
+async def test_a_redis_that_stops_answering_fails_the_link_and_the_command_goes_again(
+        ) -> None:
+    fake = SilentRedis()
+    async with fake as port:
+        client = redis.asyncio.Redis(port=port, socket_timeout=0.2)
+        pipe = AutoPipeline(client)
+        try:
+            assert await pipe.execute("SET", "a", "1") is True
+            first = pipe._link
+            assert first is not None
+            fake.silent = True
+            pending = asyncio.ensure_future(pipe.execute("SET", "a", "2"))
+            for _ in range(300):  # the watchdog's turn: after 0.2 s, within a second more
+                if first.broken:
+                    break
+                await asyncio.sleep(0.01)
+            assert first.broken and not pending.done()  # sent again, on a new connection
+            fake.silent = False
+
+            assert await pending is True
+            assert pipe._link is not first
+        finally:
+            await pipe.aclose()
+            await client.aclose()
