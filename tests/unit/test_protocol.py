@@ -233,7 +233,7 @@ def test_push_reports_a_product_known_to_be_missing(r: fakeredis.FakeRedis) -> N
 def test_take_moves_up_to_n_envelopes_in_flight(r: fakeredis.FakeRedis) -> None:
     for n in range(3):
         push(r, envelope(n))
-    r.set(keys.lease(PID), TOKEN, px=100)
+    r.set(keys.lease(PID), TOKEN, px=1_000)  # (a lease that a stalled machine keeps)
 
     batch = take(r, n=2)
 
@@ -243,7 +243,7 @@ def test_take_moves_up_to_n_envelopes_in_flight(r: fakeredis.FakeRedis) -> None:
     assert r.get(keys.job(job_id(0))) == b"processing"
     assert r.get(keys.job(job_id(2))) == b"queued"
     assert 0 < r.ttl(keys.job(job_id(0))) <= JOB_TTL  # KEEPTTL: the job still expires
-    assert r.pttl(keys.lease(PID)) > 100  # the lease was renewed
+    assert r.pttl(keys.lease(PID)) > 1_000  # the lease was renewed (to LEASE_MS)
 
 
 def test_take_does_not_create_job_keys_that_expired(r: fakeredis.FakeRedis) -> None:
@@ -310,7 +310,7 @@ def taken(r: fakeredis.FakeRedis, count: int, queued: int) -> list[bytes]:
     cache_product(r, available=10, queued=queued)
     for n in range(count):
         push(r, envelope(n, reply="fs:reply:gw-a" if n % 2 == 0 else "fs:reply:gw-b"))
-    r.set(keys.lease(PID), TOKEN, px=100)
+    r.set(keys.lease(PID), TOKEN, px=1_000)
     batch = take(r)
     assert batch is not None and len(batch) == count
     return batch
