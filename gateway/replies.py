@@ -144,9 +144,17 @@ class ReplyHub:
             while True:
                 remaining = deadline - loop.time()
                 if future is not None and remaining > 0:
-                    done, _ = await asyncio.wait({future}, timeout=min(remaining, POLL_SECONDS))
-                    if done:
-                        return "done", future.result()
+                    # One timer, which answers the future with POLL when the time to look
+                    # at the job key has come (asyncio.wait, with its waiter future, set
+                    # and callbacks, cost about 14 us more per wait on this machine).
+                    timer = loop.call_later(min(remaining, POLL_SECONDS), _poll, future)
+                    try:
+                        reply = await future
+                    finally:
+                        timer.cancel()
+                    if reply is not POLL:
+                        return "done", reply
+                    future = self.expect(job_id)  # listen on, while the key is read
                 elif remaining > 0:
                     await asyncio.sleep(min(remaining, POLL_SECONDS / 5))
                 status, result = await self.status(job_id)
@@ -162,6 +170,15 @@ class ReplyHub:
         if self.pipe is None:
             return await job_status(self.conn, job_id)
         return parse_status(await self.pipe.execute("GET", keys.job(job_id)))
+
+
+# What a waiter's future is answered with when it is time to read the job key instead.
+POLL: Any = object()
+
+
+def _poll(future: asyncio.Future[Any]) -> None:
+    if not future.done():
+        future.set_result(POLL)
 
 
 async def job_status(conn: aioredis.Redis, job_id: str) -> tuple[str, dict[str, Any] | None]:

@@ -3,15 +3,17 @@ without marshmallow, and the waiter bound that turns writes away before queueing
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
+import orjson
 import pytest
 from aiohttp import web
 from marshmallow import ValidationError
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from flashsale.config import Settings
-from gateway import schemas
+from gateway import replies, schemas
 from gateway.errors import ProblemError
 from gateway.handlers import plain_hold
 from gateway.metrics import Metrics
@@ -175,3 +177,31 @@ async def test_a_replay_that_stops_waiting_leaves_the_first_request_registered()
 
     hub._dispatch(b'[["job_5_0000000000000001", {"status": 201, "body": {}}]]')
     assert first.done() and first.result() == {"status": 201, "body": {}}
+
+
+async def test_a_waiter_that_has_polled_still_hears_its_reply_by_message(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # Each POLL_SECONDS a waiter reads its job key, then listens on: a reply published
+    # after a poll must still reach it (its registration is renewed), and it still counts
+    # once in the waiting room.
+    monkeypatch.setattr(replies, "POLL_SECONDS", 0.02)
+    polls = 0
+
+    class NoJob:
+        async def status(self, job_id: str) -> tuple[str, None]:
+            nonlocal polls
+            polls += 1
+            return "queued", None
+
+    hub = ReplyHub(conn=None, max_waiting=1)  # type: ignore[arg-type]
+    hub.status = NoJob().status  # type: ignore[method-assign]
+    job_id = "job_5_0000000000000001"
+    waiting = asyncio.ensure_future(hub.wait(job_id, hub.expect(job_id), 5.0))
+    while polls < 3:
+        await asyncio.sleep(0.01)
+    assert hub.full and not waiting.done()
+
+    hub._dispatch(orjson.dumps([[job_id, {"status": 201, "body": {"n": 1}}]]))
+
+    assert await waiting == ("done", {"status": 201, "body": {"n": 1}})
+    assert not hub.full and hub.waiters == 0
