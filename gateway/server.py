@@ -19,6 +19,7 @@ from typing import Any
 from aiohttp import web
 from aiohttp.web_request import BaseRequest
 
+from flashsale import memory
 from flashsale.problems import problem
 from gateway.errors import PROBLEM_JSON, body_bytes
 
@@ -78,6 +79,7 @@ async def _serve(app: web.Application, host: str, port: int, backlog: int,
     try:
         site = web.TCPSite(runner, host, port, backlog=backlog)
         await site.start()
+        memory.settle()  # the application is up: its start-up objects out of gc's way
         announce(f"serving on {site.name}")
         await asyncio.Event().wait()  # until SIGTERM or SIGINT (GracefulExit)
     finally:

@@ -9,6 +9,7 @@ from typing import Any
 import redis
 from rq import SimpleWorker
 
+from flashsale import memory
 from models import db
 from workers import keys, stats
 
@@ -54,6 +55,7 @@ def work(conn: redis.Redis, burst: bool = False) -> None:
     rq retries a lost connection while it waits for jobs, but not while it records a
     job's end; the job's batch is safe in Redis and is re-applied by the next drainer.
     """
+    memory.settle()  # start-up's objects out of the collector's way (flashsale.memory)
     while True:
         # Maintenance first: sweeps are short, and drain jobs hand over every few seconds.
         worker = DrainWorker([keys.MAINTENANCE_QUEUE, keys.DRAIN_QUEUE], connection=conn)
