@@ -73,8 +73,13 @@ class AutoPipeline:
         """
         if self._direct:
             try:
-                encoded: tuple[Any, ...] = (command[0], hiredis.pack_command(command))
-            except TypeError as exc:  # as redis-py's encoder says it
+                # Integers are written out here: hiredis 3.5 crashes the process (SIGSEGV)
+                # on one too long for str() (over 4,300 digits); b"%d" raises ValueError.
+                args: Any = tuple(b"%d" % arg if type(arg) is int else arg for arg in command)
+                encoded: tuple[Any, ...] = (command[0], hiredis.pack_command(args))
+            except UnicodeError:  # a string that is not UTF-8, as redis-py's encoder raises it
+                raise
+            except (TypeError, ValueError) as exc:  # as redis-py's encoder says it
                 raise DataError(f"Invalid input of {command[0]}: {exc}") from None
         else:
             encode = self._encoder.encode

@@ -18,7 +18,7 @@ import hiredis
 import pytest
 import redis.asyncio
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ResponseError
+from redis.exceptions import DataError, ResponseError
 
 from gateway.pipeline import RETRY_PAUSE_S, AutoPipeline
 from workers import keys
@@ -168,6 +168,14 @@ async def test_an_error_reply_fails_its_caller_alone(server: fakeredis.FakeAsync
         with pytest.raises(UnicodeEncodeError):  # not UTF-8: this caller alone fails
             await asyncio.gather(pipe.execute("SET", "k", "\udcff"), pipe.execute("INCR", "n"))
         assert await pipe.execute("GET", "n") == b"2"
+        # A 5,000-digit integer (hiredis alone would crash the process), None, a bool:
+        # refused in the caller's own call.
+        for bad in (10**5000, None, True):
+            with pytest.raises(DataError):
+                await asyncio.gather(pipe.execute("SET", "k", bad), pipe.execute("INCR", "n"))
+        assert await pipe.execute("GET", "n") == b"5"
+        assert await pipe.execute("SET", "k", -(2**63)) is True  # a plain integer still goes
+        assert await pipe.execute("GET", "k") == b"-9223372036854775808"
     finally:
         await pipe.aclose()
 
