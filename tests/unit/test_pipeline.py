@@ -131,100 +131,91 @@ async def test_without_once_the_resent_push_would_charge_twice(
 # they are flushed and answered in order by one reader: each caller must get its own
 # reply, whatever else is in flight.
 
-async def test_concurrent_callers_each_get_their_own_reply(
-        server: fakeredis.FakeAsyncRedis) -> None:
-    pipe = AutoPipeline(server)
-    try:
-        async def caller(n: int) -> tuple[Any, Any, Any]:
-            await pipe.execute("SET", f"k{n}", f"v{n}")
-            await pipe.execute("HSET", f"h{n}", "n", n)
-            return (await pipe.execute("GET", f"k{n}"), await pipe.execute("HGETALL", f"h{n}"),
-                    await pipe.execute("INCR", "count"))
-
-        answers = await asyncio.gather(*(caller(n) for n in range(300)))
-
-        assert [a[0] for a in answers] == [f"v{n}".encode() for n in range(300)]
-        # the client's reply callbacks apply, as through its own pipeline
-        assert [a[1] for a in answers] == [{b"n": str(n).encode()} for n in range(300)]
-        assert sorted(a[2] for a in answers) == list(range(1, 301))
-    finally:
-        await pipe.aclose()
-
-
-async def test_an_error_reply_fails_its_caller_alone(server: fakeredis.FakeAsyncRedis) -> None:
-    await server.set("text", "x")
-    pipe = AutoPipeline(server)
-    try:
-        answers: tuple[Any, ...] = await asyncio.gather(
-            pipe.execute("GET", "text"), pipe.execute("INCR", "text"),
-            pipe.execute("INCR", "n"), return_exceptions=True)
-        good, bad, after = answers
-
-        assert good == b"x"
-        assert isinstance(bad, ResponseError)
-        assert after == 1
-        assert await pipe.execute("GET", "n") == b"1"  # the connection is still in use
-
-        with pytest.raises(UnicodeEncodeError):  # not UTF-8: this caller alone fails
-            await asyncio.gather(pipe.execute("SET", "k", "\udcff"), pipe.execute("INCR", "n"))
-        assert await pipe.execute("GET", "n") == b"2"
-        # A 5,000-digit integer (hiredis alone would crash the process), None, a bool:
-        # refused in the caller's own call.
-        for bad in (10**5000, None, True):
-            with pytest.raises(DataError):
-                await asyncio.gather(pipe.execute("SET", "k", bad), pipe.execute("INCR", "n"))
-        assert await pipe.execute("GET", "n") == b"5"
-        assert await pipe.execute("SET", "k", -(2**63)) is True  # a plain integer still goes
-        assert await pipe.execute("GET", "k") == b"-9223372036854775808"
-    finally:
-        await pipe.aclose()
-
-
 @pytest.fixture
-async def redis_server() -> AsyncIterator[tuple[fakeredis.FakeServer, fakeredis.FakeAsyncRedis]]:
-    """A fake Redis server that a test can stop and start, and a client of it."""
+async def kept() -> AsyncIterator[tuple[fakeredis.FakeServer, AutoPipeline]]:
+    """An auto-pipeline over a fake Redis server that a test can stop and start."""
     fake = fakeredis.FakeServer()
     conn = fakeredis.FakeAsyncRedis(server=fake)
-    yield fake, conn
+    pipe = AutoPipeline(conn)
+    yield fake, pipe
+    fake.connected = True
+    await pipe.aclose()
     await conn.aclose()
 
 
-async def test_commands_on_a_lost_connection_go_out_again_on_a_new_one(
-        redis_server: tuple[fakeredis.FakeServer, fakeredis.FakeAsyncRedis]) -> None:
-    fake, server = redis_server
-    pipe = AutoPipeline(server)
-    try:
-        assert await pipe.execute("INCR", "n") == 1
-        first = pipe._link
-        fake.connected = False  # Redis stops
-        pending = asyncio.gather(*(pipe.execute("INCR", "n") for _ in range(5)))
-        await asyncio.sleep(RETRY_PAUSE_S * 2)
-        fake.connected = True  # and is back
+async def test_concurrent_callers_each_get_their_own_reply(
+        kept: tuple[fakeredis.FakeServer, AutoPipeline]) -> None:
+    _, pipe = kept
 
-        assert sorted(await pending) == [2, 3, 4, 5, 6]
-        assert pipe._link is not first and first is not None and first.broken
-    finally:
-        await pipe.aclose()
+    async def caller(n: int) -> tuple[Any, Any, Any]:
+        await pipe.execute("SET", f"k{n}", f"v{n}")
+        await pipe.execute("HSET", f"h{n}", "n", n)
+        return (await pipe.execute("GET", f"k{n}"), await pipe.execute("HGETALL", f"h{n}"),
+                await pipe.execute("INCR", "count"))
+
+    answers = await asyncio.gather(*(caller(n) for n in range(300)))
+
+    assert [a[0] for a in answers] == [f"v{n}".encode() for n in range(300)]
+    # the client's reply callbacks apply, as through its own pipeline
+    assert [a[1] for a in answers] == [{b"n": str(n).encode()} for n in range(300)]
+    assert sorted(a[2] for a in answers) == list(range(1, 301))
+
+
+async def test_an_error_reply_fails_its_caller_alone(
+        kept: tuple[fakeredis.FakeServer, AutoPipeline]) -> None:
+    _, pipe = kept
+    await pipe.execute("SET", "text", "x")
+
+    answers: tuple[Any, ...] = await asyncio.gather(
+        pipe.execute("GET", "text"), pipe.execute("INCR", "text"),
+        pipe.execute("INCR", "n"), return_exceptions=True)
+    good, bad, after = answers
+
+    assert good == b"x"
+    assert isinstance(bad, ResponseError)
+    assert after == 1
+    assert await pipe.execute("GET", "n") == b"1"  # the connection is still in use
+
+    with pytest.raises(UnicodeEncodeError):  # not UTF-8: this caller alone fails
+        await asyncio.gather(pipe.execute("SET", "k", "\udcff"), pipe.execute("INCR", "n"))
+    assert await pipe.execute("GET", "n") == b"2"
+    # A 5,000-digit integer (hiredis alone would crash the process), None, a bool:
+    # refused in the caller's own call.
+    for bad in (10**5000, None, True):
+        with pytest.raises(DataError):
+            await asyncio.gather(pipe.execute("SET", "k", bad), pipe.execute("INCR", "n"))
+    assert await pipe.execute("GET", "n") == b"5"
+    assert await pipe.execute("SET", "k", -(2**63)) is True  # a plain integer still goes
+    assert await pipe.execute("GET", "k") == b"-9223372036854775808"
+
+
+async def test_commands_on_a_lost_connection_go_out_again_on_a_new_one(
+        kept: tuple[fakeredis.FakeServer, AutoPipeline]) -> None:
+    fake, pipe = kept
+    assert await pipe.execute("INCR", "n") == 1
+    first = pipe._link
+    fake.connected = False  # Redis stops
+    pending = asyncio.gather(*(pipe.execute("INCR", "n") for _ in range(5)))
+    await asyncio.sleep(RETRY_PAUSE_S * 2)
+    fake.connected = True  # and is back
+
+    assert sorted(await pending) == [2, 3, 4, 5, 6]
+    assert pipe._link is not first and first is not None and first.broken
 
 
 async def test_a_connection_that_stays_down_fails_the_callers(
-        redis_server: tuple[fakeredis.FakeServer, fakeredis.FakeAsyncRedis]) -> None:
-    fake, server = redis_server
-    pipe = AutoPipeline(server)
-    try:
-        assert await pipe.execute("INCR", "n") == 1
-        fake.connected = False
+        kept: tuple[fakeredis.FakeServer, AutoPipeline]) -> None:
+    fake, pipe = kept
+    assert await pipe.execute("INCR", "n") == 1
+    fake.connected = False
 
-        with pytest.raises(RedisConnectionError):  # after the retries, about 0.75 s
-            await pipe.execute("INCR", "n")
-    finally:
-        fake.connected = True
-        await pipe.aclose()
+    with pytest.raises(RedisConnectionError):  # after the retries, about 0.75 s
+        await pipe.execute("INCR", "n")
 
 
-async def test_closing_answers_what_waits_and_stops_the_reader(
-        server: fakeredis.FakeAsyncRedis) -> None:
-    pipe = AutoPipeline(server)
+async def test_closing_stops_the_reader_and_closes_the_connection(
+        kept: tuple[fakeredis.FakeServer, AutoPipeline]) -> None:
+    _, pipe = kept
     assert await pipe.execute("PING") is True  # (the client's callback: PONG is True)
     link = pipe._link
     assert link is not None
@@ -234,7 +225,6 @@ async def test_closing_answers_what_waits_and_stops_the_reader(
     assert link.broken and not link.conn.is_connected
     await asyncio.sleep(0)
     assert link._reader.done()
-
 
 
 class SilentRedis:
