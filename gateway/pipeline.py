@@ -189,8 +189,9 @@ class AutoPipeline:
             return self._link
 
 
-# The kept connection is checked this often for a command left without a reply; after
-# the client's socket timeout (or this default when it has none) the link is failed.
+# While commands wait on the kept connection it is checked this often for one left without
+# a reply; after the client's socket timeout (or this default when it has none) the link
+# is failed. An idle link has no timer.
 WATCH_S = 1.0
 DEFAULT_STALL_S = 5.0
 
@@ -235,9 +236,8 @@ class _Link:
         self._expected: collections.deque[asyncio.Future[Any]] = collections.deque()
         self._more = asyncio.Event()
         self._reader = asyncio.create_task(self._read())
-        loop = asyncio.get_running_loop()
-        self._progress = loop.time()  # the last reply, or the first command since idle
-        self._watch = loop.call_later(WATCH_S, self._check)
+        self._progress = 0.0  # the last reply, or the first command since idle
+        self._watch: asyncio.TimerHandle | None = None  # armed while commands wait
         self._failing: asyncio.Task[None] | None = None
 
     async def run(self, commands: list[tuple[Any, ...]]) -> list[Any]:
@@ -249,6 +249,8 @@ class _Link:
         futures = [loop.create_future() for _ in commands]
         if not self._expected:
             self._progress = loop.time()
+            if self._watch is None:
+                self._watch = loop.call_later(WATCH_S, self._check)
         # The futures join the line in the same step as redis-py writes the bytes (no
         # socket timeout: it writes before its first await), so the line's order is the
         # order of the commands on the wire.
@@ -293,12 +295,13 @@ class _Link:
                 raise
 
     def _check(self) -> None:
-        """Once a second: a command waiting longer than ``stall`` for its reply fails the
-        link (a Redis that stopped answering without closing the connection)."""
-        if self.broken:
+        """Once a second while commands wait: one waiting longer than ``stall`` for its
+        reply fails the link (a Redis that stopped answering, its connection open)."""
+        self._watch = None
+        if self.broken or not self._expected:
             return
         loop = asyncio.get_running_loop()
-        if self._expected and loop.time() - self._progress > self.stall:
+        if loop.time() - self._progress > self.stall:
             self._failing = asyncio.create_task(self.fail(
                 RedisTimeoutError(f"No reply from Redis in {self.stall:g} s")))
         else:
@@ -310,7 +313,8 @@ class _Link:
         if self.broken:
             return
         self.broken = True
-        self._watch.cancel()
+        if self._watch is not None:
+            self._watch.cancel()
         lost = exc if isinstance(exc, Exception) else RedisConnectionError(f"{exc!r}")
         while self._expected:
             future = self._expected.popleft()

@@ -213,12 +213,14 @@ async def test_a_connection_that_stays_down_fails_the_callers(
         await pipe.execute("INCR", "n")
 
 
-async def test_closing_stops_the_reader_and_closes_the_connection(
+async def test_an_idle_link_keeps_no_timer_and_closing_stops_it(
         kept: tuple[fakeredis.FakeServer, AutoPipeline]) -> None:
     _, pipe = kept
     assert await pipe.execute("PING") is True  # (the client's callback: PONG is True)
     link = pipe._link
-    assert link is not None
+    assert link is not None and link._watch is not None  # armed while PING waited
+    link._check()  # its next turn finds nothing waiting: an idle link keeps no timer
+    assert link._watch is None
 
     await pipe.aclose()
 
