@@ -219,7 +219,6 @@ def _as_redis_error(exc: Exception) -> Exception:
     return RedisConnectionError(f"{exc!r}")
 
 
-
 class _Link:
     """A connection kept by the auto-pipeline: batches are written to it as they are
     flushed, without waiting for the replies of the batches before them, and one reader

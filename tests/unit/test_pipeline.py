@@ -187,6 +187,12 @@ async def test_an_error_reply_fails_its_caller_alone(
     assert await pipe.execute("GET", "n") == b"5"
     assert await pipe.execute("SET", "k", -(2**63)) is True  # a plain integer still goes
     assert await pipe.execute("GET", "k") == b"-9223372036854775808"
+    # Bytes that are not ASCII and text that is go as they are; a float as redis-py's
+    # encoder writes it (NaN as "nan").
+    redis_encoder = redis.asyncio.Redis().get_encoder()
+    for value in (b"\xff\x00\xfe", "caf\u00e9 \u2603", float("nan"), float("-inf"), 0.1):
+        assert await pipe.execute("SET", "k", value) is True
+        assert await pipe.execute("GET", "k") == redis_encoder.encode(value)
 
 
 async def test_commands_on_a_lost_connection_go_out_again_on_a_new_one(
