@@ -1,0 +1,82 @@
+"""The log handler batches its lines itself, whatever the stream it is given does."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+from collections.abc import Iterator
+
+import pytest
+
+from flashsale import logs
+
+
+@pytest.fixture
+def pipe() -> Iterator[tuple[io.TextIOWrapper, int]]:
+    """A stream as stdout is under PYTHONUNBUFFERED=1 (every write goes straight to its
+    file descriptor, here a pipe), and the pipe's end to read what reached it."""
+    read_fd, write_fd = os.pipe()
+    os.set_blocking(read_fd, False)
+    stream = io.TextIOWrapper(io.FileIO(write_fd, "w"), write_through=True)
+    yield stream, read_fd
+    stream.close()
+    os.close(read_fd)
+
+
+def written(read_fd: int) -> str:
+    try:
+        return os.read(read_fd, 1 << 20).decode()
+    except BlockingIOError:
+        return ""
+
+
+def record(level: int, message: str) -> logging.LogRecord:
+    return logging.LogRecord("flashsale.test", level, __file__, 1, message, None, None)
+
+
+def test_info_lines_wait_for_the_flush(pipe: tuple[io.TextIOWrapper, int]) -> None:
+    stream, read_fd = pipe
+    handler = logs.BatchingStreamHandler(stream)
+    handler.setFormatter(logs.PlainFormatter())
+    access = logs.AccessLog(handler, json_lines=False)
+    with handler.lock:  # type: ignore[union-attr]  # (the flusher thread waits)
+        for n in range(100):
+            handler.emit(record(logging.INFO, f"line {n}"))
+            access("GET", f"/api/products/{n}", 200, 0.5)
+        assert written(read_fd) == ""  # not a write per line
+    handler.flush()
+    lines = written(read_fd).splitlines()
+    assert len(lines) == 200
+    assert lines[0].endswith("INFO flashsale.test line 0")
+    assert lines[1].endswith("INFO flashsale.access GET /api/products/0 status=200 ms=0.5")
+    assert lines[-1].endswith("GET /api/products/99 status=200 ms=0.5")
+
+
+def test_a_warning_is_written_at_once_after_the_lines_before_it(
+        pipe: tuple[io.TextIOWrapper, int]) -> None:
+    stream, read_fd = pipe
+    handler = logs.BatchingStreamHandler(stream)
+    handler.setFormatter(logs.JsonFormatter())
+    handler.emit(record(logging.INFO, "before"))
+    handler.emit(record(logging.WARNING, "trouble"))
+    lines = written(read_fd).splitlines()
+    assert [json.loads(line)["msg"] for line in lines] == ["before", "trouble"]
+
+
+def test_text_that_is_not_utf8_is_escaped_not_lost(pipe: tuple[io.TextIOWrapper, int]) -> None:
+    stream, read_fd = pipe
+    handler = logs.BatchingStreamHandler(stream)
+    handler.setFormatter(logs.PlainFormatter())
+    handler.emit(record(logging.WARNING, "caf\udce9 \u00e9"))  # a lone surrogate
+    assert written(read_fd).endswith("caf\\udce9 \u00e9\n")
+
+
+def test_a_stream_without_a_file_descriptor_is_used_as_it_is() -> None:
+    stream = io.StringIO()
+    handler = logs.BatchingStreamHandler(stream)
+    handler.setFormatter(logs.PlainFormatter())
+    handler.emit(record(logging.ERROR, "seen"))
+    assert handler.stream is stream
+    assert stream.getvalue().endswith("ERROR flashsale.test seen\n")
