@@ -10,6 +10,7 @@ system call per request.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 import threading
@@ -61,13 +62,12 @@ class PlainFormatter(logging.Formatter):
 
 def buffered(stream: Any) -> Any:
     """A text stream of its own, buffered, on ``stream``'s file descriptor (left open when
-    it is closed); ``stream`` itself when it has none (a test's capture)."""
+    it is closed); ``stream`` itself when it has none (a test's capture) or a closed one."""
     try:
-        fd = stream.fileno()
-    except (AttributeError, OSError, ValueError):  # (io.UnsupportedOperation is both)
-        return stream
-    return open(fd, "w", buffering=BUFFER_BYTES, encoding="utf-8",
-                errors="backslashreplace", closefd=False)
+        return open(stream.fileno(), "w", buffering=BUFFER_BYTES, encoding="utf-8",
+                    errors="backslashreplace", closefd=False)
+    except (AttributeError, OSError, ValueError):  # no descriptor, or a closed one
+        return stream  # (io.UnsupportedOperation is an OSError and a ValueError)
 
 
 class BatchingStreamHandler(logging.StreamHandler):  # type: ignore[type-arg]
@@ -75,7 +75,10 @@ class BatchingStreamHandler(logging.StreamHandler):  # type: ignore[type-arg]
     a warning or an error."""
 
     def __init__(self, stream: Any) -> None:
-        super().__init__(buffered(stream))
+        own = buffered(stream)
+        super().__init__(own)
+        self._owned = own is not stream  # the buffered stream made here, closed by close()
+        self._stop = threading.Event()
         threading.Thread(target=self._flusher, name="log-flush", daemon=True).start()
 
     def emit(self, record: logging.LogRecord) -> None:
@@ -89,9 +92,21 @@ class BatchingStreamHandler(logging.StreamHandler):  # type: ignore[type-arg]
             self.handleError(record)
 
     def _flusher(self) -> None:
-        while True:
-            time.sleep(FLUSH_SECONDS)
-            self.flush()
+        while not self._stop.wait(FLUSH_SECONDS):
+            # A broken stream (its reader gone): the next line's write reports it.
+            with contextlib.suppress(Exception):
+                self.flush()
+
+    def close(self) -> None:
+        """Flush, and close the buffered stream made here (its file descriptor stays open)."""
+        self._stop.set()
+        with self.lock:  # type: ignore[union-attr]
+            with contextlib.suppress(OSError, ValueError):  # a broken or closed stream
+                self.flush()
+            if self._owned:
+                with contextlib.suppress(OSError, ValueError):
+                    self.stream.close()
+        super().close()
 
 
 class AccessLog:
