@@ -128,14 +128,20 @@ class AccessLog:
         if handler is None:
             return
         now = time.time()
-        if self.json_lines:
-            line = orjson.dumps({"ts": _timestamp(now), "level": "info", "logger": self.name,
-                                 "msg": f"{method} {path}", "status": status,
-                                 "ms": ms}).decode()
-        else:
-            line = f"{_timestamp(now)} INFO {self.name} {method} {path} status={status} ms={ms}"
-        with handler.lock:  # type: ignore[union-attr]
-            handler.stream.write(line + "\n")
+        try:
+            if self.json_lines:
+                line = orjson.dumps({"ts": _timestamp(now), "level": "info",
+                                     "logger": self.name, "msg": f"{method} {path}",
+                                     "status": status, "ms": ms}).decode()
+            else:
+                line = (f"{_timestamp(now)} INFO {self.name} {method} {path} status={status} "
+                        f"ms={ms}")
+            with handler.lock:  # type: ignore[union-attr]
+                handler.stream.write(line + "\n")
+        except Exception:  # a log line never fails the request it describes (a broken
+            # stdout): reported as the logging module reports its own failures, on stderr
+            handler.handleError(logging.LogRecord(self.name, logging.INFO, __file__, 0,
+                                                  "%s %s", (method, path), None))
 
 
 _handler: BatchingStreamHandler | None = None

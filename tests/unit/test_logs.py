@@ -143,3 +143,15 @@ def test_a_broken_stream_does_not_stop_the_flusher(
     while Broken.flushes < 3 and time.monotonic() < deadline:  # the flusher goes on
         time.sleep(0.05)
     assert Broken.flushes >= 3
+
+
+def test_an_access_line_that_cannot_be_written_does_not_fail_its_request(
+        handlers: list[logs.BatchingStreamHandler], capsys: pytest.CaptureFixture[str]) -> None:
+    class Broken(io.StringIO):
+        def write(self, text: str) -> int:
+            raise BrokenPipeError("the reader is gone")
+
+    for json_lines in (False, True):
+        access = logs.AccessLog(made(handlers, Broken(), logs.PlainFormatter()), json_lines)
+        access("GET", "/api/products/1", 200, 0.5)  # does not raise
+    assert capsys.readouterr().err.count("BrokenPipeError: the reader is gone") == 2
