@@ -171,14 +171,31 @@ async def test_dashboard_queries_parse_and_use_exposed_metrics(api: Api, tmp_pat
         assert topic in titles, topic
 
 
+async def announced_metrics_ports(log_dir: Path, workers: int) -> list[int]:
+    """The ports the workers said they serve their metrics on, lowest first (each worker
+    logs its port once it is listening)."""
+    deadline = time.monotonic() + 30
+    while True:
+        ports = sorted(int(port) for log in log_dir.glob("worker.*.log")
+                       for port in re.findall(r"worker metrics on port (\d+)", log.read_text()))
+        if len(ports) >= workers or time.monotonic() > deadline:
+            assert len(ports) == workers, ports
+            return ports
+        await asyncio.sleep(0.1)
+
+
 async def test_each_worker_serves_its_own_metrics(
         http: aiohttp.ClientSession, service_factory: ServiceFactory) -> None:
     first = free_port()
     instance = service_factory.get("worker-metrics", WORKER_METRICS_PORT=str(first))
     api = Api(http, instance)
     await sell_out(api)
+    ports = await announced_metrics_ports(instance.log_dir, workers=2)
+    # Two workers: one takes the port it was given, the other the next free one after it
+    # (first + 1 unless another process of the host holds that one).
+    assert ports[0] == first and ports[1] > first, (first, ports)
     texts = []
-    for port in (first, first + 1):  # two workers: the second takes the next port
+    for port in ports:
         async with http.get(f"http://127.0.0.1:{port}/metrics") as response:
             assert response.status == 200
             texts.append(await response.text())
