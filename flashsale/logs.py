@@ -20,7 +20,8 @@ from typing import Any
 import orjson
 
 FLUSH_SECONDS = 0.25
-# The handler's buffer: a busy gateway's quarter of a second of lines, or more often.
+# The handler's buffer, written out when full (about 600 access lines) or every
+# FLUSH_SECONDS, whichever comes first.
 BUFFER_BYTES = 64 * 1024
 _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
 _seconds: tuple[int, str] = (-1, "")
