@@ -17,7 +17,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from bench.procs import free_port
-from tests.e2e.harness import Api, ServiceFactory
+from tests.e2e.harness import Api, ServiceFactory, ServiceInstance
 from tests.random_refs import random_event_id
 from tests.services import missing_service
 
@@ -171,15 +171,16 @@ async def test_dashboard_queries_parse_and_use_exposed_metrics(api: Api, tmp_pat
         assert topic in titles, topic
 
 
-async def announced_metrics_ports(log_dir: Path, workers: int) -> list[int]:
-    """The ports the workers said they serve their metrics on, lowest first (each worker
-    logs its port once it is listening)."""
+async def announced_metrics_ports(instance: ServiceInstance) -> list[int]:
+    """The ports the running workers said they serve their metrics on, lowest first (each
+    worker logs its port once it is listening)."""
+    workers = instance.running("worker")
     deadline = time.monotonic() + 30
     while True:
-        ports = sorted(int(port) for log in log_dir.glob("worker.*.log")
-                       for port in re.findall(r"worker metrics on port (\d+)", log.read_text()))
-        if len(ports) >= workers or time.monotonic() > deadline:
-            assert len(ports) == workers, ports
+        ports = sorted(int(port) for worker in workers for port in re.findall(
+            r"worker metrics on port (\d+)", worker.log_path.read_text()))
+        if len(ports) >= len(workers) or time.monotonic() > deadline:
+            assert len(ports) == len(workers), ports
             return ports
         await asyncio.sleep(0.1)
 
@@ -190,7 +191,8 @@ async def test_each_worker_serves_its_own_metrics(
     instance = service_factory.get("worker-metrics", WORKER_METRICS_PORT=str(first))
     api = Api(http, instance)
     await sell_out(api)
-    ports = await announced_metrics_ports(instance.log_dir, workers=2)
+    ports = await announced_metrics_ports(instance)
+    assert len(ports) == 2, ports
     # Two workers: one takes the port it was given, the other the next free one after it
     # (first + 1 unless another process of the host holds that one).
     assert ports[0] == first and ports[1] > first, (first, ports)
