@@ -18,6 +18,7 @@ import argparse
 import asyncio
 import os
 import resource
+import shutil
 import sys
 from pathlib import Path
 
@@ -25,7 +26,7 @@ import aiohttp
 
 from bench import report
 from bench.procs import StartError
-from bench.runner import ALL_SCENARIOS, Bench, Options, log
+from bench.runner import ALL_SCENARIOS, DRIVERS, Bench, Options, log
 
 QUICK = {"stock": 1000, "repeat": 1, "soldout_seconds": 2.0, "read_seconds": 2.0,
          "reference_seconds": 1.0}
@@ -102,6 +103,10 @@ def parser() -> argparse.ArgumentParser:
                       help="bound on each sellout / many run, seconds (default %(default)s)")
     load.add_argument("--request-timeout", type=float, default=Options.request_timeout,
                       help="bound on one request, job polling included (default %(default)s)")
+    load.add_argument("--driver", choices=sorted(DRIVERS), default=Options.driver,
+                      help="who sends the load: this Python client (default), or wrk, a "
+                           "load generator in C (Debian package wrk; see bench/wrk.py for "
+                           "how its runs differ)")
     load.add_argument("--quick", action="store_true",
                       help="stock 1000, one run, 2 s soldout/read, 1 s reference")
     where = p.add_argument_group("where things run")
@@ -133,7 +138,7 @@ def options_from(args: argparse.Namespace) -> Options:
         "lockserver_token", "hello_url", "clients", "products", "many_clients", "many_stock",
         "timeout",
         "request_timeout", "lock_mode", "webs", "workers", "mysql_url", "redis_url", "log_dir",
-        "procfile")}
+        "procfile", "driver")}
     chosen["scenarios"] = args.scenario
     presets = QUICK if args.quick else {}
     for name in QUICK:  # given explicitly > --quick > the Options default
@@ -179,6 +184,9 @@ def main(argv: list[str] | None = None) -> int:
     options = options_from(args)
     if options.repeat < 1 or options.stock < 1:
         log("--repeat and --stock must be at least 1")
+        return 2
+    if options.driver == "wrk" and shutil.which("wrk") is None:
+        log("--driver wrk needs wrk on the PATH (Debian: apt-get install wrk)")
         return 2
     raise_file_limit()
     install_uvloop()

@@ -17,13 +17,14 @@ from typing import Any
 
 import pymysql
 
-from bench import BENCH_VERSION, reference, report, scenarios
+from bench import BENCH_VERSION, reference, report, scenarios, wrk
 from bench.client import Http, Kind, Target, new_session
 from bench.procs import Deployment, Launcher, cpu_seconds, memory_mb
 from bench.report import HELLO, LOCKSERVER, SERVICE, scenario_key
 from bench.stats import median
 
 ALL_SCENARIOS = ("sellout", "soldout", "read", "many", "reference")
+DRIVERS = {"python": scenarios, "wrk": wrk}  # who sends the load: the same four scenarios
 
 
 @dataclass
@@ -57,6 +58,7 @@ class Options:
     redis_url: str = "redis://127.0.0.1:6379/0"
     log_dir: str | None = None
     procfile: str | None = None
+    driver: str = "python"
 
 
 def log(message: str) -> None:
@@ -72,6 +74,7 @@ class Bench:
 
     def __init__(self, options: Options) -> None:
         self.options = options
+        self.drive = DRIVERS[options.driver]
         # Created only when something is started here (each deployment makes its folder).
         log_root = Path(options.log_dir or Path(tempfile.gettempdir())
                         / f"flashsale-bench-{secrets.token_hex(4)}")
@@ -148,7 +151,7 @@ class Bench:
         product_id: int | None = None
         for clients in o.clients:
             if "sellout" in o.scenarios:
-                result = await self._measured(http, scenarios.sellout(
+                result = await self._measured(http, self.drive.sellout(
                     http, o.stock, clients, o.timeout))
                 found[scenario_key("sellout", clients)] = result
                 product_id = result["product_id"]
@@ -162,7 +165,7 @@ class Bench:
         if "many" in o.scenarios:
             for k in o.products:
                 found[scenario_key("many", o.many_clients, k)] = await self._measured(
-                    http, scenarios.many(http, k, o.many_stock or o.stock, o.many_clients,
+                    http, self.drive.many(http, k, o.many_stock or o.stock, o.many_clients,
                                          o.timeout))
         return found
 
@@ -171,7 +174,7 @@ class Bench:
             product_id = await http.create_product(self.options.stock, "read")
         found = {}
         for clients in self.options.clients:
-            found[scenario_key("read", clients)] = await self._measured(http, scenarios.read(
+            found[scenario_key("read", clients)] = await self._measured(http, self.drive.read(
                 http, product_id, clients, self.options.read_seconds))
         return found
 
@@ -217,7 +220,7 @@ class Bench:
         watch = http.target.name == SERVICE and workers is not None
         before = self._footprint(http.target) if watch else {}
         t0 = time.perf_counter()
-        result = await self._measured(http, scenarios.soldout(
+        result = await self._measured(http, self.drive.soldout(
             http, product_id, clients, self.options.soldout_seconds))
         if watch:
             after = self._footprint(http.target)
@@ -252,7 +255,8 @@ class Bench:
                          "soldout_seconds": o.soldout_seconds, "read_seconds": o.read_seconds,
                          "started": sorted(self.deployments), "webs": o.webs,
                          "lock_mode": o.lock_mode,
-                         "workers": o.workers, "scenarios": list(o.scenarios)},
+                         "workers": o.workers, "scenarios": list(o.scenarios),
+                         "driver": o.driver},
             "urls": {name: t.urls for name, t in self.targets.items()},
             "targets": targets,
             "reference": report.combine_reference(self.reference_runs),
@@ -272,8 +276,10 @@ class Bench:
 
 
 def own_cpu_seconds() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
+    """This process's CPU and that of its children waited for (wrk, once it has exited;
+    the started targets only count once stopped, after every measurement)."""
+    return sum(u.ru_utime + u.ru_stime for u in (resource.getrusage(resource.RUSAGE_SELF),
+                                                 resource.getrusage(resource.RUSAGE_CHILDREN)))
 
 
 def all_correct(targets: dict[str, dict[str, Any]]) -> bool:

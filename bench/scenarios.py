@@ -230,9 +230,8 @@ def spread(products: list[int], clients: int) -> list[list[int]]:
     return [products[i::clients] for i in range(clients)]
 
 
-async def many(http: Http, products: int, total_stock: int, clients: int,
-               timeout_s: float) -> dict[str, Any]:
-    """K hot products at once, the stock split evenly; total granted holds/s."""
+async def many_products(http: Http, products: int, total_stock: int) -> tuple[list[int], int]:
+    """K fresh products sharing ``total_stock`` evenly; their ids and units each."""
     per_product = max(1, total_stock // products)
     gate = asyncio.Semaphore(CREATE_CONCURRENCY)
 
@@ -240,7 +239,13 @@ async def many(http: Http, products: int, total_stock: int, clients: int,
         async with gate:
             return await http.create_product(per_product, f"many{products}-{n}")
 
-    ids = list(await asyncio.gather(*(create(n) for n in range(products))))
+    return list(await asyncio.gather(*(create(n) for n in range(products)))), per_product
+
+
+async def many(http: Http, products: int, total_stock: int, clients: int,
+               timeout_s: float) -> dict[str, Any]:
+    """K hot products at once, the stock split evenly; total granted holds/s."""
+    ids, per_product = await many_products(http, products, total_stock)
     rec = Recorder(f"{http.target.name} many k={products} c={clients}", Kind.OK)
     deadline = time.monotonic() + timeout_s
     async with progress(rec):
@@ -251,18 +256,26 @@ async def many(http: Http, products: int, total_stock: int, clients: int,
         await asyncio.gather(*(take_until_refused(http.pinned(n // group), rec, share,
                                                   deadline, per_product + 10)
                                for n, share in enumerate(spread(ids, clients))))
+    oversold = sum(max(0, rec.granted_by_product[pid] - per_product) for pid in ids)
+    measured = {"holds_per_s": rate(rec.counts[Kind.OK], rec.started, rec.last_measured),
+                **rec.common(), "granted": rec.counts[Kind.OK],
+                "unique_hold_ids": len(set(rec.hold_ids)),
+                "timed_out": time.monotonic() > deadline}
+    return await many_checked(http, ids, per_product, clients, measured, oversold)
+
+
+async def many_checked(http: Http, ids: list[int], per_product: int, clients: int,
+                       measured: dict[str, Any], oversold: int) -> dict[str, Any]:
+    """A many run's result: what was measured, and the stock left once the cache settled.
+    ``measured`` has holds_per_s, the common fields, granted and unique_hold_ids."""
     await asyncio.sleep(CACHE_SETTLE_S)
     docs = await asyncio.gather(*(http.product(pid) for pid in ids))
     available = sum(int(d.get("available", 0)) for d in docs)
-    oversold = sum(max(0, rec.granted_by_product[pid] - per_product) for pid in ids)
-    unique = len(set(rec.hold_ids))
-    leaked = max(0, per_product * products - unique - available)
-    granted = rec.counts[Kind.OK]
-    return {"scenario": "many", "products": products, "clients": clients,
-            "stock_per_product": per_product, "stock": per_product * products,
-            "holds_per_s": rate(granted, rec.started, rec.last_measured), **rec.common(),
-            "granted": granted, "unique_hold_ids": unique,
+    granted, unique = measured["granted"], measured["unique_hold_ids"]
+    leaked = max(0, per_product * len(ids) - unique - available)
+    return {"scenario": "many", "products": len(ids), "clients": clients,
+            "stock_per_product": per_product, "stock": per_product * len(ids), **measured,
             "duplicate_hold_ids": granted - unique, "available_after": available,
-            "oversold": oversold, "leaked": leaked, "timed_out": time.monotonic() > deadline,
-            "correct": unique == per_product * products and available == 0
+            "oversold": oversold, "leaked": leaked,
+            "correct": unique == per_product * len(ids) and available == 0
             and granted == unique}

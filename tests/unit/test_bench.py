@@ -10,7 +10,7 @@ from typing import Any
 import orjson
 import pytest
 
-from bench import report
+from bench import report, wrk
 from bench.__main__ import int_list, options_from, parser, scenario_list
 from bench.lockserver import take_hold
 from bench.scenarios import spread, stock_check
@@ -191,3 +191,42 @@ def test_markdown_table_gives_medians_spread_and_the_ratio_to_the_peer() -> None
     assert "| sellout c=200 | service | 2,500 holds/s | 2,000-2,600 |" in table[2]
     assert table[2].endswith("| 5.00x |")
     assert table[3].startswith("| sellout c=200 | lock-per-request | 500 holds/s |")
+
+
+WRK_OUTPUT = """Running 5s test @ http://127.0.0.1:8001
+  2 threads and 200 connections
+Requests/sec:  10000.00
+BENCH_RESULT {"duration_us":2500000,"requests":5230,"statuses":{"201":5000,"409":200,\
+"202":3,"503":20,"500":4,"404":3},"hold_ids":5000,"unique_hold_ids":4999,\
+"errors":{"connect":0,"read":1,"write":0,"timeout":2},\
+"latency_us":{"count":5230,"p50":41000,"p95":80500,"p99":120250,"max":300000}}
+"""
+
+
+def test_wrk_result_line_becomes_the_python_clients_fields() -> None:
+    found = wrk.parse(WRK_OUTPUT)
+    assert found.duration_s == 2.5 and found.rate(201) == 2000.0 and found.rate(418) is None
+    assert (found.hold_ids, found.unique_hold_ids) == (5000, 4999)
+    common = found.common()
+    assert (common["ok"], common["refused_409"], common["accepted_202"]) == (5000, 200, 3)
+    assert (common["shed_503"], common["server_5xx"], common["other_status"]) == (20, 4, 3)
+    assert common["transport_errors"] == 3 and common["errors"] == {"read": 1, "timeout": 2}
+    assert common["latency_ms"] == {"count": 5230, "p50_ms": 41.0, "p95_ms": 80.5,
+                                    "p99_ms": 120.25, "max_ms": 300.0}
+    assert common["driver"] == "wrk"
+    with pytest.raises(RuntimeError, match="no result line"):
+        wrk.parse("Running 5s test\nunable to connect to 127.0.0.1:8001\n")
+
+
+def test_wrk_command_gives_each_gateway_a_thread() -> None:
+    urls = ["http://127.0.0.1:8001", "http://localhost:8002"]
+    cmd = wrk.command("wrk", urls, 200, 2.2, 60)
+    assert cmd[:5] == ["wrk", "-t2", "-c200", "-d3s", "--timeout"]
+    assert cmd[-1] == urls[0] and cmd[-2].endswith("wrk.lua")
+    assert [wrk.host_port(u) for u in urls] == ["127.0.0.1:8001", "localhost:8002"]
+    with pytest.raises(ValueError, match="plain http"):
+        wrk.host_port("https://127.0.0.1:8443")
+    # A thread stops after more refusals in a row than products it takes in turn, plus its
+    # connections' answers still on the way.
+    assert wrk.refusal_run(1, 200, 2) == 102 and wrk.refusal_run(100, 200, 2) == 300
+    assert options_from(parser().parse_args(["--driver", "wrk"])).driver == "wrk"
