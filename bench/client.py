@@ -19,6 +19,7 @@ import orjson
 JSON_HEADERS = {"Content-Type": "application/json"}
 POLL_FIRST_S = 0.05  # first job poll after a 202; doubles up to POLL_MAX_S
 POLL_MAX_S = 0.5
+CREATE_ATTEMPTS = 5  # a product creation turned away with Retry-After is sent again
 TRANSPORT_ERRORS = (aiohttp.ClientError, asyncio.TimeoutError, OSError)
 
 
@@ -121,9 +122,16 @@ class Http:
         headers = {"Authorization": f"Bearer {self.target.admin_token or ''}",
                    "Prefer": "wait=30", **JSON_HEADERS}
         url = self.base() + "/api/admin/products"
-        async with self.session.post(url, data=orjson.dumps(body), headers=headers) as resp:
-            raw = await resp.read()
-            status = resp.status
+        for _ in range(CREATE_ATTEMPTS):
+            async with self.session.post(url, data=orjson.dumps(body), headers=headers) as resp:
+                raw = await resp.read()
+                status = resp.status
+                wait = retry_after(resp.headers.get("Retry-After")) if status == 503 else None
+            if wait is None:
+                break
+            # Turned away (503, Retry-After): the gateway is still answering the end of the
+            # last scenario's crowd (wrk leaves its last requests in flight). Retry after it.
+            await asyncio.sleep(wait)
         doc = orjson.loads(raw) if raw else None
         if status == 202 and isinstance(doc, dict):
             status, doc = await self._follow(doc["job_id"], time.monotonic() + 30)

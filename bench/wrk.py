@@ -48,6 +48,7 @@ from bench.stats import LatencySummary
 SCRIPT = Path(__file__).with_name("wrk.lua")
 RESULT_PREFIX = "BENCH_RESULT "
 STOPPED = "BENCH_STOPPED"
+BACKLOG_S = 1.0
 
 
 class WrkMissing(RuntimeError):
@@ -146,7 +147,12 @@ async def run(urls: list[str], *, method: str, path: str, products: list[int],
            "BENCH_PRODUCTS": ",".join(str(p) for p in products),
            "BENCH_STOP_AFTER": str(stop_after), "BENCH_HOLD_IDS": "1" if hold_ids else "0"}
     cmd = command(exe, urls, clients, seconds, timeout_s)
-    return await asyncio.to_thread(_run, cmd, env, len(urls))
+    found = await asyncio.to_thread(_run, cmd, env, len(urls))
+    if not stop_after:
+        # Its time up, wrk left requests in flight: the gateways answer them (to nobody)
+        # before the next scenario, which would otherwise start in their backlog.
+        await asyncio.sleep(BACKLOG_S)
+    return found
 
 
 def _run(cmd: list[str], env: dict[str, str], threads: int) -> WrkRun:

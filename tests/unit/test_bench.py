@@ -9,9 +9,11 @@ from typing import Any
 
 import orjson
 import pytest
+from aiohttp import web
 
 from bench import report, wrk
 from bench.__main__ import int_list, options_from, parser, scenario_list
+from bench.client import Http, Target, new_session
 from bench.lockserver import take_hold
 from bench.scenarios import spread, stock_check
 from bench.stats import median, percentile, rate, ratio, summarize, worst
@@ -230,3 +232,22 @@ def test_wrk_command_gives_each_gateway_a_thread() -> None:
     # connections' answers still on the way.
     assert wrk.refusal_run(1, 200, 2) == 102 and wrk.refusal_run(100, 200, 2) == 300
     assert options_from(parser().parse_args(["--driver", "wrk"])).driver == "wrk"
+
+
+async def test_a_product_creation_turned_away_is_sent_again_after_retry_after(
+        aiohttp_server: Any) -> None:
+    answers = [web.json_response({"status": 503}, status=503, headers={"Retry-After": "0"}),
+               web.json_response({"id": 42}, status=201)]
+    seen: list[str] = []
+
+    async def create(request: web.Request) -> web.Response:
+        seen.append(request.headers["Authorization"])
+        return answers.pop(0)
+
+    app = web.Application()
+    app.router.add_post("/api/admin/products", create)
+    server = await aiohttp_server(app)
+    async with new_session(5) as session:
+        http = Http(session, Target("service", [str(server.make_url("")).rstrip("/")], "t"), 5)
+        assert await http.create_product(10, "retry") == 42
+    assert seen == ["Bearer t", "Bearer t"]
