@@ -128,7 +128,8 @@ def host_port(url: str) -> str:
 
 def command(exe: str, urls: list[str], clients: int, seconds: float,
             timeout_s: float) -> list[str]:
-    """One thread per gateway, ``clients`` connections split evenly over them."""
+    """One thread per gateway, ``clients`` connections split evenly over them (wrk gives
+    each thread clients // threads: the scenarios' 200 or thousands split exactly)."""
     threads = len(urls)
     return [exe, f"-t{threads}", f"-c{max(clients, threads)}",
             f"-d{max(1, math.ceil(seconds))}s", "--timeout", f"{max(1, math.ceil(timeout_s))}s",
