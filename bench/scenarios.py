@@ -182,14 +182,22 @@ async def sellout(http: Http, stock: int, clients: int, timeout_s: float) -> dic
     async with progress(rec):
         await asyncio.gather(*(take_until_refused(http.pinned(n), rec, [product_id], deadline,
                                                   stock + 10) for n in range(clients)))
+    measured = {"holds_per_s": rate(rec.counts[Kind.OK], rec.started, rec.last_measured),
+                **rec.common(), "timed_out": time.monotonic() > deadline}
+    return await sellout_checked(http, product_id, stock, clients, measured,
+                                 len(set(rec.hold_ids)))
+
+
+async def sellout_checked(http: Http, product_id: int, stock: int, clients: int,
+                          measured: dict[str, Any], unique: int) -> dict[str, Any]:
+    """A sellout's result: what was measured (holds_per_s, the common fields, timed_out),
+    and the stock check once the cache settled; ``unique``: distinct hold ids granted."""
     doc = await settled_product(http, product_id, 0)
-    granted = rec.counts[Kind.OK]
-    check = stock_check(stock, granted, len(set(rec.hold_ids)), doc.get("available"))
+    check = stock_check(stock, measured["ok"], unique, doc.get("available"))
     ok = (check["unique_hold_ids"] == stock and check["available_after"] == 0
           and check["duplicate_hold_ids"] == 0)
     return {"scenario": "sellout", "product_id": product_id, "clients": clients, "stock": stock,
-            "holds_per_s": rate(granted, rec.started, rec.last_measured),
-            **rec.common(), **check, "timed_out": time.monotonic() > deadline, "correct": ok}
+            **measured, **check, "correct": ok}
 
 
 async def soldout(http: Http, product_id: int, clients: int, seconds: float) -> dict[str, Any]:
