@@ -1,6 +1,6 @@
 """Peewee models, the deferred database and the schema migration."""
 
-from models.db import atomic, db, initialize, is_sqlite
+from models.db import Statement, atomic, db, execute_batch, initialize, is_sqlite
 from models.tables import (
     DeadLetter,
     Hold,
@@ -15,5 +15,6 @@ from models.tables import (
 
 __all__ = [
     "DeadLetter", "Hold", "HoldStatus", "IdempotencyRecord", "Order", "OrderStatus", "Product",
-    "RequestRecord", "Webhook", "atomic", "db", "initialize", "is_sqlite",
+    "RequestRecord", "Statement", "Webhook", "atomic", "db", "execute_batch", "initialize",
+    "is_sqlite",
 ]

@@ -30,9 +30,11 @@ from models import (
     OrderStatus,
     Product,
     RequestRecord,
+    Statement,
     Webhook,
     atomic,
     db,
+    execute_batch,
     is_sqlite,
 )
 from workers import deadletters, keys
@@ -176,9 +178,14 @@ def _set_aside(product_id: int, req: Request, exc: Exception) -> Outcome:
 
 def _apply_many(batches: dict[int, list[Request]], policy: Policy) -> dict[int, Outcome]:
     pids = sorted(batches)
-    products = _lock_products(pids)
+    # One round trip: lock the products' rows, and read the results of requests already
+    # applied (by this batch's crashed predecessor, or an Idempotency-Key's first request).
+    locks = _lock_statements(pids)
+    rows = execute_batch(locks + _committed_statements([r.id for pid in pids
+                                                        for r in batches[pid]]))
+    products = _products(rows[:len(locks)])
+    committed = _results(rows[len(locks):])
     now = now_ms()  # read under the locks: decisions of one partition never go back in time
-    committed = _committed([r.id for pid in pids for r in batches[pid]])
     done: list[tuple[Ledger, int, list[Request]]] = []
     for pid in pids:
         requests = batches[pid]
@@ -200,46 +207,56 @@ def _apply_many(batches: dict[int, list[Request]], policy: Policy) -> dict[int, 
 # The statements every batch runs are written out: building them with peewee's query
 # builder cost more CPU than the database spent running them.
 
-def _lock_products(product_ids: list[int]) -> dict[int, ProductState]:
-    """The products' rows, locked in id order against any other writer until commit. The
+def _lock_statements(product_ids: list[int]) -> list[Statement]:
+    """Lock the products' rows in id order against any other writer until commit. The
     catalog partition has no product row: its own row in partition_locks is locked."""
     lock = "" if is_sqlite() else " FOR UPDATE"
     ids = [pid for pid in product_ids if pid != keys.CATALOG]
+    statements: list[Statement] = []
     if len(ids) < len(product_ids):
-        db.execute_sql(f"SELECT id FROM partition_locks WHERE id = {db.param}{lock}",
-                       (keys.CATALOG,)).fetchone()
-    found: dict[int, ProductState] = {}
+        statements.append((f"SELECT id FROM partition_locks WHERE id = {db.param}{lock}",
+                           (keys.CATALOG,)))
     for chunk in _chunks(ids):
-        sql = (f"SELECT id, name, price_cents, currency, stock, reserved FROM products "
-               f"WHERE id IN ({', '.join([db.param] * len(chunk))}) ORDER BY id{lock}")
-        for row in db.execute_sql(sql, chunk).fetchall():
-            found[row[0]] = ProductState(*row)
-    return found
+        statements.append((f"SELECT id, name, price_cents, currency, stock, reserved "
+                           f"FROM products WHERE id IN ({_params(len(chunk))}) "
+                           f"ORDER BY id{lock}", chunk))
+    return statements
+
+
+def _products(results: list[list[tuple[Any, ...]]]) -> dict[int, ProductState]:
+    """The locked products' rows (the partition lock's row says nothing)."""
+    return {row[0]: ProductState(*row) for rows in results for row in rows if len(row) > 1}
 
 
 def _lock_product(product_id: int) -> ProductState | None:
-    return _lock_products([product_id]).get(product_id)
+    return _products(execute_batch(_lock_statements([product_id]))).get(product_id)
+
+
+def _committed_statements(request_ids: list[str]) -> list[Statement]:
+    return [(f"SELECT id, status_code, body FROM requests WHERE id IN "
+             f"({_params(len(chunk))})", chunk) for chunk in _chunks(request_ids)]
+
+
+def _results(results: list[list[tuple[Any, ...]]]) -> dict[str, Result]:
+    return {request_id: Result(status, orjson.loads(body))
+            for rows in results for request_id, status, body in rows}
 
 
 def _committed(request_ids: list[str]) -> dict[str, Result]:
-    """Results of requests already applied (by this batch's crashed predecessor, or the
-    first request of an Idempotency-Key)."""
-    found = {}
-    for chunk in _chunks(request_ids):
-        placeholders = ", ".join([db.param] * len(chunk))
-        cursor = db.execute_sql(
-            f"SELECT id, status_code, body FROM requests WHERE id IN ({placeholders})", chunk)
-        for request_id, status, body in cursor.fetchall():
-            found[request_id] = Result(status, orjson.loads(body))
-    return found
+    """Results of requests already applied."""
+    return _results(execute_batch(_committed_statements(request_ids)))
 
 
-def _insert(table: str, columns: tuple[str, ...], rows: list[tuple[Any, ...]]) -> None:
+def _params(n: int) -> str:
+    return ", ".join([db.param] * n)
+
+
+def _insert(table: str, columns: tuple[str, ...], rows: list[tuple[Any, ...]]
+            ) -> list[Statement]:
     """One multi-row INSERT per 500 rows."""
-    row = "(" + ", ".join([db.param] * len(columns)) + ")"
-    for chunk in _chunks(rows):
-        db.execute_sql(f"INSERT INTO {table} ({', '.join(columns)}) VALUES "
-                       + ", ".join([row] * len(chunk)), [v for r in chunk for v in r])
+    row = "(" + _params(len(columns)) + ")"
+    return [(f"INSERT INTO {table} ({', '.join(columns)}) VALUES " + ", ".join([row] * len(chunk)),
+             [v for r in chunk for v in r]) for chunk in _chunks(rows)]
 
 
 def _chunks(values: Iterable[Any], size: int = 500) -> Iterable[list[Any]]:
@@ -365,72 +382,81 @@ def _create_products(requests: list[Request], now: int) -> dict[str, Result]:
 
 
 def _write(done: list[tuple[Ledger, int, list[Request]]]) -> None:
-    """Persist what the ledgers decided: a handful of multi-row statements for all the
-    transaction's products, and per product only what its rarer requests changed."""
-    _update_products([lg.product for lg, _, _ in done
-                      if lg.product is not None and lg.product_dirty])
-    _insert("holds", ("id", "product_id", "qty", "status", "created_at", "expires_at",
-                      "request_id", "customer_id"),
-            [(h.id, h.product_id, h.qty, str(h.status), h.created_at, h.expires_at,
-              h.request_id, h.customer_id) for lg, _, _ in done for h in lg.new_holds])
+    """Persist what the ledgers decided, in one round trip: a handful of multi-row
+    statements for all the transaction's products, and per product only what its rarer
+    requests changed (holds before the orders that name them, requests last)."""
+    statements = _update_products([lg.product for lg, _, _ in done
+                                   if lg.product is not None and lg.product_dirty])
+    statements += _insert("holds", ("id", "product_id", "qty", "status", "created_at",
+                                    "expires_at", "request_id", "customer_id"),
+                          [(h.id, h.product_id, h.qty, str(h.status), h.created_at,
+                            h.expires_at, h.request_id, h.customer_id)
+                           for lg, _, _ in done for h in lg.new_holds])
     for ledger, pid, _ in done:
-        _write_rest(ledger, pid)
-    _insert("requests", ("id", "product_id", "op", "status_code", "body", "created_at"),
-            [(r.id, pid, r.op, lg.answers[r.id].status,
-              orjson.dumps(lg.answers[r.id].body).decode(), lg.now)
-             for lg, pid, todo in done for r in todo])
+        statements += _write_rest(ledger, pid)
+    statements += _insert("requests", ("id", "product_id", "op", "status_code", "body",
+                                       "created_at"),
+                          [(r.id, pid, r.op, lg.answers[r.id].status,
+                            orjson.dumps(lg.answers[r.id].body).decode(), lg.now)
+                           for lg, pid, todo in done for r in todo])
+    execute_batch(statements)
 
 
-def _update_products(products: list[ProductState]) -> None:
+def _update_products(products: list[ProductState]) -> list[Statement]:
     """One UPDATE for the counters of every product the transaction changed."""
+    statements: list[Statement] = []
     for chunk in _chunks(products):
         cases = " ".join([f"WHEN {db.param} THEN {db.param}"] * len(chunk))
-        ids = ", ".join([db.param] * len(chunk))
-        db.execute_sql(
+        statements.append((
             f"UPDATE products SET stock = CASE id {cases} END, reserved = CASE id {cases} END "
-            f"WHERE id IN ({ids})",
+            f"WHERE id IN ({_params(len(chunk))})",
             [v for p in chunk for v in (p.id, p.stock)]
-            + [v for p in chunk for v in (p.id, p.reserved)] + [p.id for p in chunk])
+            + [v for p in chunk for v in (p.id, p.reserved)] + [p.id for p in chunk]))
+    return statements
 
 
-def _write_rest(ledger: Ledger, product_id: int) -> None:
+def _write_rest(ledger: Ledger, product_id: int) -> list[Statement]:
+    """The statements of what a product's rarer requests changed (peewee queries,
+    rendered to be sent with the round's others)."""
+    queries: list[Any] = []
     new_ids = {h.id for h in ledger.new_holds}
-    _update_status(Hold, [ledger.holds[i] for i in ledger.dirty_holds if i not in new_ids])
+    queries += _update_status(Hold, [ledger.holds[i] for i in ledger.dirty_holds
+                                     if i not in new_ids])
     for rows in _chunks([{"id": o.id, "hold": o.hold_id, "product": o.product_id, "qty": o.qty,
                           "amount_cents": o.amount_cents, "currency": o.currency,
                           "status": str(o.status), "created_at": o.created_at,
                           "pay_by": o.pay_by, "closed_at": o.closed_at,
                           "request_id": o.request_id, "customer_id": o.customer_id}
                          for o in ledger.new_orders]):
-        Order.insert_many(rows).execute()
+        queries.append(Order.insert_many(rows))
     new_ids = {o.id for o in ledger.new_orders}
     dirty_orders = [ledger.orders[i] for i in ledger.dirty_orders if i not in new_ids]
     for order in dirty_orders:
-        Order.update(status=str(order.status), closed_at=order.closed_at) \
-            .where(Order.id == order.id).execute()
+        queries.append(Order.update(status=str(order.status), closed_at=order.closed_at)
+                       .where(Order.id == order.id))
     for hook in ledger.new_webhooks:
-        Webhook.insert(**_webhook_row(hook)).execute()
+        queries.append(Webhook.insert(**_webhook_row(hook)))
     for hook in ledger.webhook_updates():
-        Webhook.update(**_webhook_row(hook)).where(
-            Webhook.idempotency_key == hook.key).execute()
+        queries.append(Webhook.update(**_webhook_row(hook)).where(
+            Webhook.idempotency_key == hook.key))
     for request_id, result in ledger.revised_results().items():
-        RequestRecord.update(status_code=result.status,
-                             body=orjson.dumps(result.body).decode()) \
-            .where(RequestRecord.id == request_id).execute()
+        queries.append(RequestRecord.update(status_code=result.status,
+                                            body=orjson.dumps(result.body).decode())
+                       .where(RequestRecord.id == request_id))
     if ledger.new_idempotency:
-        IdempotencyRecord.insert_many(
+        queries.append(IdempotencyRecord.insert_many(
             [{"id": k, "fingerprint": fp, "request_id": rid, "created_at": ledger.now,
               "product_id": product_id}
-             for k, (fp, rid) in ledger.new_idempotency.items()]).execute()
+             for k, (fp, rid) in ledger.new_idempotency.items()]))
+    return [query.sql() for query in queries]
 
 
-def _update_status(model: type[Hold], rows: list[Any]) -> None:
+def _update_status(model: type[Hold], rows: list[Any]) -> list[Any]:
     by_status: dict[str, list[str]] = {}
     for row in rows:
         by_status.setdefault(str(row.status), []).append(row.id)
-    for status, ids in by_status.items():
-        for chunk in _chunks(ids):
-            model.update(status=status).where(model.id.in_(chunk)).execute()
+    return [model.update(status=status).where(model.id.in_(chunk))
+            for status, ids in by_status.items() for chunk in _chunks(ids)]
 
 
 def _webhook_row(hook: WebhookState) -> dict[str, Any]:

@@ -1,0 +1,87 @@
+"""Several statements in one round trip (models.execute_batch), on MariaDB: what the
+drainer's transaction relies on when it sends its reads, then its writes, together."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import peewee
+import pytest
+
+from models import Hold, Product, RequestRecord, atomic, db, execute_batch
+from workers import keys
+from workers.apply import apply_batches
+from workers.decide import Policy, Request
+
+pytestmark = pytest.mark.integration
+
+POLICY = Policy(hold_ttl_ms=120_000, order_ttl_ms=900_000)
+
+
+def hold(pid: int, qty: int, hold_id: str | None = None) -> Request:
+    return Request(id=keys.new_id("job", pid), op="hold",
+                   args={"product_id": pid, "qty": qty,
+                         "hold_id": hold_id or keys.new_id("hold", pid)})
+
+
+def test_each_statement_gives_its_own_rows_in_order(new_product: Callable[..., int]) -> None:
+    first, second = new_product(stock=3), new_product(stock=7)
+
+    rows = execute_batch([
+        ("SELECT id, stock FROM products WHERE id = %s", [second]),
+        ("UPDATE products SET stock = stock + 1 WHERE id IN (%s, %s)", [first, second]),
+        ("SELECT id, stock FROM products WHERE id IN (%s, %s) ORDER BY id", [first, second]),
+        ("SELECT id FROM products WHERE id = %s", [-1]),
+    ])
+
+    assert rows == [[(second, 7)], [], [(first, 4), (second, 8)], []]
+
+
+def test_a_failing_statement_raises_a_peewee_error_and_the_rest_do_not_run(
+        new_product: Callable[..., int]) -> None:
+    pid = new_product(stock=5)
+
+    with pytest.raises(peewee.IntegrityError):  # reserved <= stock, a CHECK constraint
+        execute_batch([
+            ("UPDATE products SET stock = 6 WHERE id = %s", [pid]),
+            ("UPDATE products SET reserved = 9 WHERE id = %s", [pid]),
+            ("UPDATE products SET stock = 1 WHERE id = %s", [pid]),
+        ])
+
+    product = Product.get_by_id(pid)
+    assert (product.stock, product.reserved) == (6, 0)  # the first ran, the third did not
+    assert db.execute_sql("SELECT 1").fetchall() == ((1,),)  # the connection is still usable
+
+
+def test_a_failed_batch_inside_a_transaction_leaves_nothing(
+        new_product: Callable[..., int]) -> None:
+    pid = new_product(stock=5)
+
+    with pytest.raises(peewee.IntegrityError), atomic():
+        execute_batch([("UPDATE products SET stock = 6 WHERE id = %s", [pid]),
+                       ("UPDATE products SET reserved = 9 WHERE id = %s", [pid])])
+
+    product = Product.get_by_id(pid)
+    assert (product.stock, product.reserved) == (5, 0)
+
+
+def test_a_poison_request_in_a_round_of_several_products_fails_alone(
+        new_product: Callable[..., int]) -> None:
+    """The round's writes go in one round trip; the duplicate hold id fails it, and the
+    products are applied again one by one: only the second use of the id is refused."""
+    clean, poisoned = new_product(stock=10), new_product(stock=10)
+    twice = keys.new_id("hold", poisoned)
+    batches = {clean: [hold(clean, 2), hold(clean, 3)],
+               poisoned: [hold(poisoned, 1, twice), hold(poisoned, 4, twice)]}
+
+    outcomes = apply_batches(batches, POLICY)
+
+    assert [outcomes[clean].results[r.id].status for r in batches[clean]] == [201, 201]
+    statuses = [outcomes[poisoned].results[r.id].status for r in batches[poisoned]]
+    assert statuses[0] == 201 and 400 <= statuses[1] < 500
+    assert Product.get_by_id(clean).reserved == 5
+    assert Product.get_by_id(poisoned).reserved == 1
+    assert Hold.select().where(Hold.product.in_([clean, poisoned])).count() == 3
+    recorded = RequestRecord.select().where(
+        RequestRecord.id.in_([r.id for b in batches.values() for r in b])).count()
+    assert recorded == 4
