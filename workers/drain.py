@@ -29,6 +29,7 @@ from workers.protocol import (
     Envelope,
     adds_units,
     finish_args,
+    finish_keys,
     product_fields,
     take_keys,
 )
@@ -215,8 +216,8 @@ class Drainer:
         # replies, sent after them) go to the data plane, the counters to the control one.
         pipe = self.data.pipeline(transaction=False)
         control = pipe if self.data is self.conn else self.conn.pipeline(transaction=False)
-        for finish_keys, finish_argv in calls:
-            evalsha(pipe, self._finish.sha, finish_keys, finish_argv)
+        for call_keys, call_argv in calls:
+            evalsha(pipe, self._finish.sha, call_keys, call_argv)
         if control is pipe:  # one Redis: the replies follow the results they announce
             self._publish(pipe, "PUBLISH", outcomes, envelopes)
         tally = stats.tally((env.op, result.status, result.body)
@@ -235,11 +236,15 @@ class Drainer:
         control.zadd(keys.DRAINERS, {self.name: int(time.time() * 1000)})  # heartbeat
         control.llen(keys.READY)
         replies = pipe.execute(raise_on_error=False)
-        for (finish_keys, finish_argv), reply in zip(calls, replies, strict=False):
+        dry = set()  # products whose queue was empty: FINISH released them
+        for pid, (call_keys, call_argv), reply in zip(outcomes, calls, replies, strict=False):
             if isinstance(reply, NoScriptError):  # Redis restarted: load it and run it
-                self._finish(keys=finish_keys, args=finish_argv)
+                reply = self._finish(keys=call_keys, args=call_argv)
             elif isinstance(reply, Exception):
                 raise reply
+            if reply == 2:
+                dry.add(pid)
+        self.held = [pid for pid in self.held if pid not in dry]
         if control is not pipe:
             replies = control.execute()
             sharded = self.data.pipeline(transaction=False)
@@ -296,7 +301,7 @@ class Drainer:
         adders = sum(1 for e in batch if adds_units(e.op, e.args))
         fields = product_fields(outcome.product) if outcome.product else {}
         delete = [keys.control(product_id, e.op) for e in batch if e.op in CONTROL_OPS]
-        return ([keys.inflight(product_id), keys.lease(product_id), keys.product(product_id)],
+        return (finish_keys(product_id),
                 finish_args(self.token, self.config.lease_ms, self.config.job_cache_seconds,
                             product_id, admitted, fields, results, {},
                             sorted(set(delete)), adders))

@@ -98,11 +98,14 @@ end
 return items
 """
 
-# finish: KEYS inflight, lease, product
+# finish: KEYS inflight, lease, product, queue, wake
 #         ARGV token, lease ms, result ttl s, job key prefix, admitted units to release,
 #              n product fields, n results, n replies, n keys to delete,
 #              envelopes that may add units (see push), then the lists
-# -> 1, or 0 when the lease was lost (the next drainer replays the committed batch)
+# -> 1: the lease is renewed for the requests queued meanwhile | 2: none were, and lease
+#    and wake are released as TAKE releases them (a push from now on wakes a drainer),
+#    so the drainer needs no further TAKE to learn it | 0: the lease was lost (the next
+#    drainer replays the committed batch)
 FINISH = """
 if redis.call('GET', KEYS[2]) ~= ARGV[1] then return 0 end
 redis.call('PEXPIRE', KEYS[2], ARGV[2])
@@ -134,6 +137,13 @@ end
 for j = 1, ndel do
   redis.call('DEL', ARGV[i])
   i = i + 1
+end
+if redis.call('LLEN', KEYS[4]) == 0 then
+  redis.call('DEL', KEYS[5], KEYS[2])
+  if redis.call('EXISTS', KEYS[3]) == 1 then
+    redis.call('HSET', KEYS[3], 'queued', 0, 'adders', 0)
+  end
+  return 2
 end
 return 1
 """
@@ -255,6 +265,11 @@ def push_keys(product_id: int, job_id: str) -> list[str]:
 def take_keys(product_id: int) -> list[str]:
     return [keys.queue(product_id), keys.inflight(product_id), keys.lease(product_id),
             keys.wake(product_id), keys.product(product_id)]
+
+
+def finish_keys(product_id: int) -> list[str]:
+    return [keys.inflight(product_id), keys.lease(product_id), keys.product(product_id),
+            keys.queue(product_id), keys.wake(product_id)]
 
 
 def finish_args(token: str, lease_ms: int, result_ttl: int, product_id: int, release: int,

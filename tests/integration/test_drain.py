@@ -228,10 +228,34 @@ def test_one_round_applies_many_products_in_one_transaction(
         results = [job_result(redis_conn, e.id)["status"] for e in pushed[pid]]
         assert results == [201, 201, 409]
         assert_applied_once(pushed[pid][:2], pid)
-    assert sorted(drainer.held) == sorted(pids)  # their leases, for the next round
-    assert take_round(redis_conn, drainer, []) == 0
+    assert drainer.held == []  # nothing was queued meanwhile: FINISH released them all
     for pid in pids:
         assert_drained(redis_conn, pid)
+
+
+def test_a_product_with_requests_queued_meanwhile_stays_held(
+        redis_conn: redis.Redis, new_product: Callable[..., int]) -> None:
+    busy, quiet = new_product(stock=5), new_product(stock=5)
+    push_holds(redis_conn, busy, [1], admit=False)
+    push_holds(redis_conn, quiet, [1], admit=False)
+    drainer = Drainer(redis_conn, SETTINGS)
+    redis_conn.delete(keys.READY)
+    original = drainer.step
+
+    def step_with_a_push_meanwhile(batches: dict[int, list[bytes]]) -> int:
+        push_holds(redis_conn, busy, [2], admit=False)  # arrives while the round applies
+        return original(batches)
+
+    drainer.step = step_with_a_push_meanwhile  # type: ignore[method-assign]
+    assert drainer.round([busy, quiet]) == 2
+    drainer.step = original  # type: ignore[method-assign]
+
+    assert drainer.held == [busy]
+    assert_drained(redis_conn, quiet)
+    assert redis_conn.llen(keys.READY) == 0  # the push found the product awake
+    assert drainer.round([]) == 1
+    assert drainer.held == [] and redis_conn.llen(keys.READY) == 0
+    assert_drained(redis_conn, busy)
 
 
 def test_a_product_that_fails_the_shared_transaction_fails_alone(

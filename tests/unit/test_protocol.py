@@ -19,6 +19,7 @@ from workers.protocol import (
     Envelope,
     fill_keys,
     finish_args,
+    finish_keys,
     push_args,
     push_keys,
     take_keys,
@@ -71,8 +72,7 @@ def finish(r: fakeredis.FakeRedis, token: str = TOKEN, release: int = 0,
            adders: int = 0) -> int:
     args = finish_args(token, LEASE_MS, JOB_TTL, PID, release, fields or {}, results or {},
                        replies or {}, delete or [], adders)
-    return int(r.register_script(FINISH)(
-        keys=[keys.inflight(PID), keys.lease(PID), keys.product(PID)], args=args))
+    return int(r.register_script(FINISH)(keys=finish_keys(PID), args=args))
 
 
 def field(r: fakeredis.FakeRedis, name: str) -> Any:
@@ -211,12 +211,30 @@ def test_finish_and_an_empty_queue_clear_what_may_add_units(r: fakeredis.FakeRed
     push(r, restock(1))
     push(r, restock(2))
     r.set(keys.lease(PID), TOKEN)
-    assert take(r) == [restock(1).encode(), restock(2).encode()]
+    assert take(r, n=1) == [restock(1).encode()]
 
-    assert finish(r, fields={"stock": 10, "available": 10}, adders=1) == 1
+    assert finish(r, fields={"stock": 10, "available": 10}, adders=1) == 1  # one left
     assert field(r, "adders") == b"1"
-    assert take(r) == []
+    assert take(r) == [restock(2).encode()]
+    assert finish(r, fields={"stock": 20, "available": 20}) == 2  # none left: released
     assert field(r, "adders") == b"0"
+
+
+def test_finish_releases_a_product_whose_queue_ran_dry(r: fakeredis.FakeRedis) -> None:
+    """As TAKE would on its next call: lease and wake go, counters are reset, and the
+    next push wakes a drainer; with requests queued meanwhile, the lease is renewed."""
+    taken(r, 2, queued=2)
+
+    assert finish(r, release=2, fields={"stock": 10, "available": 8}) == 2
+
+    assert r.exists(keys.lease(PID), keys.wake(PID), keys.inflight(PID)) == 0
+    assert (field(r, "queued"), field(r, "adders")) == (b"0", b"0")
+    assert push(r, envelope(5), qty=1) == [1]  # the product needs a drainer again
+    r.set(keys.lease(PID), TOKEN, px=1_000)
+    assert take(r) is not None
+    push(r, envelope(6), qty=1)  # queued while the batch is applied
+    assert finish(r, release=1, fields={"stock": 10, "available": 7}) == 1
+    assert r.get(keys.lease(PID)) == TOKEN.encode() and r.llen(keys.queue(PID)) == 1
 
 
 def test_push_reports_a_product_known_to_be_missing(r: fakeredis.FakeRedis) -> None:
@@ -318,7 +336,8 @@ def taken(r: fakeredis.FakeRedis, count: int, queued: int) -> list[bytes]:
 
 def test_finish_stores_results_answers_and_refreshes_the_product(
         r: fakeredis.FakeRedis) -> None:
-    taken(r, 3, queued=3)
+    taken(r, 3, queued=4)
+    push(r, envelope(3))  # queued meanwhile: the lease stays for the next batch
     sub = r.pubsub()
     sub.subscribe("fs:reply:gw-a", "fs:reply:gw-b")
     while sub.get_message(timeout=0.01) is not None:  # subscription confirmations
@@ -341,12 +360,13 @@ def test_finish_stores_results_answers_and_refreshes_the_product(
     sub.close()
     assert published == replies
     assert r.exists(keys.inflight(PID), keys.control(PID, "expire")) == 0
-    assert (field(r, "stock"), field(r, "available"), field(r, "queued")) == (b"10", b"7", b"1")
+    assert (field(r, "stock"), field(r, "available"), field(r, "queued")) == (b"10", b"7", b"2")
     assert r.pttl(keys.lease(PID)) > 100  # renewed for the next batch
 
 
 def test_finish_never_takes_queued_below_zero(r: fakeredis.FakeRedis) -> None:
     taken(r, 1, queued=1)
+    push(r, envelope(1))
 
     assert finish(r, release=5, fields={"stock": 10, "available": 9}) == 1
 
