@@ -403,16 +403,13 @@ def _write(done: list[tuple[Ledger, int, list[Request]]]) -> None:
 
 
 def _update_products(products: list[ProductState]) -> list[Statement]:
-    """One UPDATE for the counters of every product the transaction changed."""
-    statements: list[Statement] = []
-    for chunk in _chunks(products):
-        cases = " ".join([f"WHEN {db.param} THEN {db.param}"] * len(chunk))
-        statements.append((
-            f"UPDATE products SET stock = CASE id {cases} END, reserved = CASE id {cases} END "
-            f"WHERE id IN ({_params(len(chunk))})",
-            [v for p in chunk for v in (p.id, p.stock)]
-            + [v for p in chunk for v in (p.id, p.reserved)] + [p.id for p in chunk]))
-    return statements
+    """The counters of every product the transaction changed: one UPDATE by primary key
+    each (sent together). A single ``UPDATE ... CASE id ... WHERE id IN (...)`` was
+    planned as a scan of the whole (small) table, which under REPEATABLE READ locked
+    every product row it passed, so two drainers' rounds on different products waited
+    for each other and deadlocked."""
+    return [(f"UPDATE products SET stock = {db.param}, reserved = {db.param} "
+             f"WHERE id = {db.param}", (p.stock, p.reserved, p.id)) for p in products]
 
 
 def _write_rest(ledger: Ledger, product_id: int) -> list[Statement]:
