@@ -3,6 +3,7 @@ drainer's transaction relies on when it sends its reads, then its writes, togeth
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 
 import peewee
@@ -10,7 +11,7 @@ import pytest
 
 from models import Hold, Product, RequestRecord, atomic, db, execute_batch
 from workers import keys
-from workers.apply import apply_batches
+from workers.apply import _apply_many, apply_batches
 from workers.decide import Policy, Request
 
 pytestmark = pytest.mark.integration
@@ -85,3 +86,38 @@ def test_a_poison_request_in_a_round_of_several_products_fails_alone(
     recorded = RequestRecord.select().where(
         RequestRecord.id.in_([r.id for b in batches.values() for r in b])).count()
     assert recorded == 4
+
+
+def test_rounds_on_different_products_do_not_wait_for_each_other(
+        new_product: Callable[..., int]) -> None:
+    """Two drainers' transactions on disjoint products: the second must not need a row
+    the first holds. On a table this small, an UPDATE by ``id IN (...)`` is planned as
+    a scan that locks every row; it waited here for the first's commit (and, both ways
+    round, deadlocked)."""
+    pids = [new_product(stock=10) for _ in range(40)]
+    mine, theirs = pids[:1], pids[1:31]
+    locked, done = threading.Event(), threading.Event()
+
+    def other_drainer() -> None:
+        try:
+            with atomic():  # its round applied, not yet committed: its row locks held
+                _apply_many({pid: [hold(pid, 1)] for pid in mine}, POLICY)
+                locked.set()
+                done.wait(15)
+        finally:
+            db.close()
+
+    thread = threading.Thread(target=other_drainer)
+    thread.start()
+    try:
+        assert locked.wait(15)
+        db.execute_sql("SET SESSION innodb_lock_wait_timeout = 1")
+        outcomes = apply_batches({pid: [hold(pid, 2)] for pid in theirs}, POLICY)
+    finally:
+        done.set()
+        thread.join()
+        db.execute_sql("SET SESSION innodb_lock_wait_timeout = DEFAULT")
+
+    assert all(r.status == 201 for o in outcomes.values() for r in o.results.values())
+    assert Product.get_by_id(theirs[0]).reserved == 2
+    assert Product.get_by_id(mine[0]).reserved == 1
