@@ -9,7 +9,22 @@
 --                    and stops once every request it sent is answered (saying so on
 --                    stdout: "BENCH_STOPPED"); 0: never
 --   BENCH_HOLD_IDS   "1": keep the hold id of every 201, to count the distinct ones
--- done() prints one line, "BENCH_RESULT {json}", with the counts of every thread.
+-- done() prints one line, "BENCH_RESULT {json}", with the counts of every thread, and
+-- the instants (CLOCK_MONOTONIC, microseconds) of the first request sent and of the last
+-- answer of each status, so that a rate is taken, as the Python client takes it, from
+-- the first request to the last answer it counts: a sellout's rate does not include the
+-- refusals a thread waits for before it stops.
+
+local ffi = require("ffi")  -- wrk runs LuaJIT; its Lua has no sub-second clock
+ffi.cdef[[
+typedef struct { long tv_sec; long tv_nsec; } bench_timespec;
+int clock_gettime(int clock_id, bench_timespec *tp);
+]]
+local clock = ffi.new("bench_timespec")
+local function now_us()
+  ffi.C.clock_gettime(1, clock)  -- CLOCK_MONOTONIC
+  return tonumber(clock.tv_sec) * 1000000 + math.floor(tonumber(clock.tv_nsec) / 1000)
+end
 
 local gateways, threads = {}, {}
 
@@ -26,7 +41,7 @@ end
 
 local requests, turn, streak, stop_after, keep_ids = {}, 0, 0, 0, false
 local sent, answered, stopping = 0, 0, false
-statuses, hold_ids = {}, {}
+statuses, hold_ids, last_us, first_us = {}, {}, {}, nil
 
 function init(args)
   local method = os.getenv("BENCH_METHOD")
@@ -44,6 +59,7 @@ function init(args)
 end
 
 function request()
+  if first_us == nil then first_us = now_us() end
   turn = turn % #requests + 1
   return requests[turn]
 end
@@ -60,6 +76,7 @@ if (os.getenv("BENCH_STOP_AFTER") or "0") ~= "0" then delay = stop_delay end
 function response(status, headers, body)
   answered = answered + 1
   statuses[status] = (statuses[status] or 0) + 1
+  last_us[status] = now_us()
   if status == 409 then
     streak = streak + 1
     if stop_after > 0 and streak >= stop_after then stopping = true end
@@ -78,10 +95,15 @@ function response(status, headers, body)
 end
 
 function done(summary, latency, requests)
-  local counts, seen, unique, kept = {}, {}, 0, 0
+  local counts, seen, unique, kept, first, last = {}, {}, 0, 0, nil, {}
   for _, thread in ipairs(threads) do
     for status, n in pairs(thread:get("statuses")) do
       counts[status] = (counts[status] or 0) + n
+    end
+    local began = thread:get("first_us")
+    if began ~= nil and (first == nil or began < first) then first = began end
+    for status, at in pairs(thread:get("last_us")) do
+      if last[status] == nil or at > last[status] then last[status] = at end
     end
     for _, id in ipairs(thread:get("hold_ids")) do
       kept = kept + 1
@@ -91,17 +113,22 @@ function done(summary, latency, requests)
       end
     end
   end
-  local parts = {}
+  local parts, ends = {}, {}
   for status, n in pairs(counts) do
     parts[#parts + 1] = string.format('"%d":%d', status, n)
   end
+  for status, at in pairs(last) do
+    ends[#ends + 1] = string.format('"%d":%d', status, at)
+  end
   local e = summary.errors
   io.write(string.format(
-    'BENCH_RESULT {"duration_us":%d,"requests":%d,"statuses":{%s},' ..
+    'BENCH_RESULT {"duration_us":%d,"first_us":%d,"last_us":{%s},' ..
+    '"requests":%d,"statuses":{%s},' ..
     '"hold_ids":%d,"unique_hold_ids":%d,' ..
     '"errors":{"connect":%d,"read":%d,"write":%d,"timeout":%d},' ..
     '"latency_us":{"count":%d,"p50":%d,"p95":%d,"p99":%d,"max":%d}}\n',
-    summary.duration, summary.requests, table.concat(parts, ","), kept, unique,
+    summary.duration, first or 0, table.concat(ends, ","),
+    summary.requests, table.concat(parts, ","), kept, unique,
     e.connect, e.read, e.write, e.timeout, summary.requests,
     latency:percentile(50), latency:percentile(95), latency:percentile(99), latency.max))
 end

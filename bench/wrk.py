@@ -20,8 +20,11 @@ A sellout or many run ends when each thread has seen a run of refusals long enou
 every product it sends to is sold out; the thread then sends nothing more and stops once
 every request it sent is answered, so no grant goes unseen and the stock check is the
 Python client's. wrk itself would wait out its ``-d``: once every thread has stopped it
-is interrupted, and the run's duration is from its start to the last thread's stop.
-Soldout and read runs last their seconds.
+is interrupted. Soldout and read runs last their seconds. A rate is taken as the Python
+client takes it: the answers counted, over the time from the first request sent to the
+last of those answers (``wrk.lua`` reads a monotonic clock), so a sellout's rate leaves
+out the run of refusals each thread waits for before it stops (with 100 products and
+the peer's slower refusals, a large part of its run).
 """
 
 from __future__ import annotations
@@ -43,7 +46,7 @@ import orjson
 
 from bench.client import Http
 from bench.scenarios import many_checked, many_products, sellout_checked
-from bench.stats import LatencySummary
+from bench.stats import LatencySummary, rate
 
 SCRIPT = Path(__file__).with_name("wrk.lua")
 RESULT_PREFIX = "BENCH_RESULT "
@@ -59,20 +62,27 @@ class WrkMissing(RuntimeError):
 class WrkRun:
     """What one wrk run saw, over all its threads."""
 
-    duration_s: float
+    duration_s: float  # from wrk's start to the last thread's stop (or its -d)
     requests: int
     statuses: dict[int, int]
     hold_ids: int  # ids of the 201s it kept (BENCH_HOLD_IDS), duplicates included
     unique_hold_ids: int
     errors: dict[str, int]  # connect, read, write, timeout
     latency: LatencySummary
+    first_us: int = 0  # the first request sent (CLOCK_MONOTONIC, µs; 0: none)
+    last_us: dict[int, int] = dataclasses.field(default_factory=dict)  # last answer by status
 
     def count(self, status: int) -> int:
         return self.statuses.get(status, 0)
 
     def rate(self, status: int) -> float | None:
-        """Answers of ``status`` per second of the run."""
+        """Answers of ``status`` per second, from the first request sent to the last
+        answer of ``status`` (``stats.rate``, as the Python client counts); over the
+        whole run if wrk did not report those instants."""
         n = self.count(status)
+        last = self.last_us.get(status, 0)
+        if self.first_us and last > self.first_us:
+            return rate(n, self.first_us / 1e6, last / 1e6)
         return round(n / self.duration_s, 1) if n and self.duration_s > 0 else None
 
     def common(self) -> dict[str, Any]:
@@ -116,7 +126,9 @@ def parse(stdout: str) -> WrkRun:
         statuses={int(s): int(n) for s, n in doc["statuses"].items()},
         hold_ids=int(doc["hold_ids"]), unique_hold_ids=int(doc["unique_hold_ids"]),
         errors={k: int(v) for k, v in doc["errors"].items()},
-        latency=LatencySummary(count, ms("p50"), ms("p95"), ms("p99"), ms("max")))
+        latency=LatencySummary(count, ms("p50"), ms("p95"), ms("p99"), ms("max")),
+        first_us=int(doc.get("first_us", 0)),
+        last_us={int(s): int(t) for s, t in doc.get("last_us", {}).items()})
 
 
 def host_port(url: str) -> str:

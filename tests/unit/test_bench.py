@@ -220,6 +220,19 @@ def test_wrk_result_line_becomes_the_python_clients_fields() -> None:
         wrk.parse("Running 5s test\nunable to connect to 127.0.0.1:8001\n")
 
 
+def test_wrk_rates_run_from_the_first_request_to_the_last_answer_counted() -> None:
+    """As the Python client counts: a sellout's grants over the time until the last
+    grant, not until the refusals that end each thread have come back."""
+    line = WRK_OUTPUT.replace('{"duration_us":2500000,',
+                              '{"duration_us":2500000,"first_us":1000000000,'
+                              '"last_us":{"201":1002000000,"409":1002400000},')
+    found = wrk.parse(line)
+    assert found.duration_s == 2.5  # wrk's start to its last thread's stop
+    assert found.rate(201) == 2500.0  # 5,000 grants in the 2 s to the last one
+    assert found.rate(409) == 83.3  # 200 refusals in 2.4 s
+    assert found.rate(500) == 1.6  # no instant for it: over the whole run
+
+
 def test_wrk_command_gives_each_gateway_a_thread() -> None:
     urls = ["http://127.0.0.1:8001", "http://localhost:8002"]
     cmd = wrk.command("wrk", urls, 200, 2.2, 60)
