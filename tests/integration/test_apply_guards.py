@@ -8,19 +8,12 @@ import orjson
 import pytest
 
 from models import Hold, HoldStatus, Order, OrderStatus, Product, RequestRecord
+from tests.integration.batches import POLICY, hold
 from workers import keys
 from workers.apply import apply_batch
-from workers.decide import Policy, Request
+from workers.decide import Request
 
 pytestmark = pytest.mark.integration
-
-POLICY = Policy(hold_ttl_ms=120_000, order_ttl_ms=900_000)
-
-
-def hold(pid: int, qty: int, hold_id: str | None = None) -> Request:
-    return Request(id=keys.new_id("job", pid), op="hold",
-                   args={"product_id": pid, "qty": qty,
-                         "hold_id": hold_id or keys.new_id("hold", pid)})
 
 
 def assert_counters_match_rows(pid: int) -> None:

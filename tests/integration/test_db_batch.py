@@ -10,19 +10,11 @@ import peewee
 import pytest
 
 from models import Hold, Product, RequestRecord, atomic, db, execute_batch
+from tests.integration.batches import POLICY, hold
 from workers import keys
 from workers.apply import _apply_many, apply_batches
-from workers.decide import Policy, Request
 
 pytestmark = pytest.mark.integration
-
-POLICY = Policy(hold_ttl_ms=120_000, order_ttl_ms=900_000)
-
-
-def hold(pid: int, qty: int, hold_id: str | None = None) -> Request:
-    return Request(id=keys.new_id("job", pid), op="hold",
-                   args={"product_id": pid, "qty": qty,
-                         "hold_id": hold_id or keys.new_id("hold", pid)})
 
 
 def test_each_statement_gives_its_own_rows_in_order(new_product: Callable[..., int]) -> None:
