@@ -13,6 +13,7 @@ from models import Hold, Product, RequestRecord, atomic, db, execute_batch
 from tests.integration.batches import POLICY, hold
 from workers import keys
 from workers.apply import _apply_many, apply_batches
+from workers.decide import Request
 
 pytestmark = pytest.mark.integration
 
@@ -113,3 +114,22 @@ def test_rounds_on_different_products_do_not_wait_for_each_other(
     assert all(r.status == 201 for o in outcomes.values() for r in o.results.values())
     assert Product.get_by_id(theirs[0]).reserved == 2
     assert Product.get_by_id(mine[0]).reserved == 1
+
+
+def test_values_that_read_as_sql_or_are_not_ascii_are_stored_as_they_are(
+        new_product: Callable[..., int]) -> None:
+    """With several statements per round trip, a value that reads as SQL must stay a
+    value: the round's writes carry it as an escaped parameter, next to good requests."""
+    hostile = "ü😀'; DROP TABLE products; -- \\"
+    first, second = new_product(stock=5), new_product(stock=5)
+    odd = Request(id=keys.new_id("job", first), op="hold",
+                  args={"product_id": first, "qty": 1, "hold_id": keys.new_id("hold", first),
+                        "customer_id": hostile})
+    batches = {first: [odd, hold(first, 1)], second: [hold(second, 2)]}
+
+    outcomes = apply_batches(batches, POLICY)
+
+    assert all(r.status == 201 for o in outcomes.values() for r in o.results.values())
+    assert Hold.get_by_id(odd.args["hold_id"]).customer_id == hostile
+    assert outcomes[first].results[odd.id].body["customer_id"] == hostile
+    assert Product.get_by_id(second).reserved == 2  # the table, and the other product, stand
