@@ -133,3 +133,27 @@ def test_values_that_read_as_sql_or_are_not_ascii_are_stored_as_they_are(
     assert Hold.get_by_id(odd.args["hold_id"]).customer_id == hostile
     assert outcomes[first].results[odd.id].body["customer_id"] == hostile
     assert Product.get_by_id(second).reserved == 2  # the table, and the other product, stand
+
+
+def test_a_huge_number_and_nan_in_a_round_fail_alone_next_to_good_requests(
+        new_product: Callable[..., int]) -> None:
+    """Envelopes the gateway would never queue (it bounds quantities): a 5,000-digit
+    quantity and a NaN one each fail alone (set aside, 500); the round's other requests,
+    on the same product and another, are applied."""
+    first, second = new_product(stock=5), new_product(stock=5)
+    huge = Request(id=keys.new_id("job", first), op="hold",
+                   args={"product_id": first, "qty": 10**5000,
+                         "hold_id": keys.new_id("hold", first)})
+    nan = Request(id=keys.new_id("job", first), op="hold",
+                  args={"product_id": first, "qty": float("nan"),
+                        "hold_id": keys.new_id("hold", first)})
+    good = [hold(first, 1), hold(second, 2)]
+    batches = {first: [huge, nan, good[0]], second: [good[1]]}
+
+    outcomes = apply_batches(batches, POLICY)
+
+    assert outcomes[first].results[huge.id].status == 500
+    assert outcomes[first].results[nan.id].status == 500
+    assert [outcomes[first].results[good[0].id].status,
+            outcomes[second].results[good[1].id].status] == [201, 201]
+    assert (Product.get_by_id(first).reserved, Product.get_by_id(second).reserved) == (1, 2)
