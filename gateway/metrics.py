@@ -38,7 +38,7 @@ WORKER_HISTOGRAMS = {  # workers.stats name -> (metric, help)
     "apply_seconds": ("flashsale_batch_apply_duration_seconds",
                       "Time to apply one batch in one transaction, commit included"),
     "commit_seconds": ("flashsale_batch_commit_duration_seconds",
-                       "Time of one batch's COMMIT"),
+                       "Time of one batch's writes and COMMIT (one round trip on MySQL)"),
     "queue_wait_seconds": ("flashsale_queue_wait_seconds",
                            "How long a batch's oldest request waited in its queue"),
 }

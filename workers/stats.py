@@ -98,7 +98,7 @@ class WorkerMetrics:
                                   "Time to apply one round in one transaction, commit "
                                   "included"),
                 "commit_seconds": ("batch_commit_duration_seconds",
-                                   "Time of one round's COMMIT"),
+                                   "Time of one round's writes and COMMIT"),
                 "queue_wait_seconds": ("queue_wait_seconds",
                                        "How long a round's oldest request waited (sampled)"),
             }.items()}
@@ -125,10 +125,10 @@ def record_batch(pipe: Any, *, size: int, apply_seconds: float, commit_seconds: 
     """Add one committed batch to the shared figures, in ``pipe`` (a Redis pipeline).
 
     ``apply_seconds``: the whole transaction (lock, load, decide, write, commit);
-    ``commit_seconds``: the COMMIT alone; ``queue_wait_seconds``: how long the batch's
-    oldest request waited before the drainer took it (None: not measured this time, the
-    drainer samples it); ``outcomes``: requests per
-    ``"<op>:<outcome>"`` (see ``tally``). Unknown ops and outcomes are counted as
+    ``commit_seconds``: the writes and the COMMIT (one round trip on MySQL);
+    ``queue_wait_seconds``: how long the batch's oldest request waited before the drainer
+    took it (None: not measured this time, the drainer samples it); ``outcomes``: requests
+    per ``"<op>:<outcome>"`` (see ``tally``). Unknown ops and outcomes are counted as
     ``other``, so a bug cannot create unbounded label values.
     """
     observed = {"batch_size": size, "apply_seconds": apply_seconds,

@@ -93,7 +93,9 @@ def test_rounds_on_different_products_do_not_wait_for_each_other(
 
     def other_drainer() -> None:
         try:
-            with atomic():  # its round applied, not yet committed: its row locks held
+            # Its round applied, not yet committed, so its row locks are held: inside a
+            # savepoint the round's writes do not carry the COMMIT (execute_batch).
+            with atomic(), atomic():
                 _apply_many({pid: [hold(pid, 1)] for pid in mine}, POLICY)
                 locked.set()
                 done.wait(15)
