@@ -12,8 +12,8 @@ import pytest
 from models import Hold, Product, RequestRecord, atomic, db, execute_batch
 from tests.integration.batches import POLICY, hold
 from workers import keys
-from workers.apply import _apply_many, apply_batches
-from workers.decide import Request
+from workers.apply import _apply_many, _update_products, apply_batches
+from workers.decide import ProductState, Request
 
 pytestmark = pytest.mark.integration
 
@@ -116,6 +116,22 @@ def test_rounds_on_different_products_do_not_wait_for_each_other(
     assert all(r.status == 201 for o in outcomes.values() for r in o.results.values())
     assert Product.get_by_id(theirs[0]).reserved == 2
     assert Product.get_by_id(mine[0]).reserved == 1
+
+
+def test_the_counters_update_finds_each_product_by_its_key(
+        new_product: Callable[..., int]) -> None:
+    """The round's one UPDATE of the counters reads its derived table first and each
+    product row by primary key: a plan that scans ``products`` would lock every row."""
+    pids = [new_product(stock=10) for _ in range(40)]
+    products = [ProductState(id=pid, name="p", price_cents=1, currency="USD", stock=10,
+                             reserved=2) for pid in pids[5:35]]
+    [(sql, params)] = _update_products(products)
+
+    plan = db.execute_sql("EXPLAIN " + sql, params).fetchall()
+
+    access = {row[2]: row[3] for row in plan}  # table -> access type
+    assert access["p"] in ("eq_ref", "const"), plan
+    assert plan[0][2].startswith("<derived"), plan  # read first (STRAIGHT_JOIN)
 
 
 def test_values_that_read_as_sql_or_are_not_ascii_are_stored_as_they_are(
