@@ -56,7 +56,7 @@ class MySQL(ReconnectMixin, peewee.MySQLDatabase):  # type: ignore[misc]
     def execute_sql(self, sql: str, params: Any = None) -> Any:
         deferred = self._deferred
         if deferred.committed:
-            raise peewee.InterfaceError(
+            raise peewee.ProgrammingError(  # a bug: never retried as transient
                 "a statement after its transaction's COMMIT was sent: it would run outside "
                 "the transaction")
         if not deferred.begin:

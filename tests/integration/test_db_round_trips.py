@@ -86,7 +86,7 @@ def test_a_statement_after_the_commit_raises_instead_of_running_alone(
         new_product: Callable[..., int], other: pymysql.connections.Connection) -> None:
     pid = new_product(stock=5)
 
-    with pytest.raises(peewee.InterfaceError, match="after its transaction's COMMIT"), \
+    with pytest.raises(peewee.ProgrammingError, match="after its transaction's COMMIT"), \
             atomic():
         execute_batch([("UPDATE products SET stock = 6 WHERE id = %s", [pid])], commit=True)
         db.execute_sql("UPDATE products SET stock = 7 WHERE id = %s", [pid])
