@@ -238,10 +238,9 @@ async def _push_expected(app: web.Application, write: Write, wait: float, envelo
                          future: asyncio.Future[dict[str, Any]]) -> Answer:
     settings, hub = app[SETTINGS], app[REPLIES]
     keyed = write.idempotency is not None
-    unknown = {"status": 404, "body": write.unknown or not_found("Product", write.product_id)}
     flags = (KEYED if keyed else ONCE) + (MUST_EXIST if write.must_exist else "")
     args = push_args(envelope, write.admission_qty, settings.job_ttl_seconds, WAKE_TTL_MS,
-                     flags, orjson.dumps(unknown) if keyed else b"",
+                     flags, orjson.dumps(_unknown(write)) if keyed else b"",
                      _sold_out_template(write.admission_qty) if keyed else b"")
     push_keys_ = push_keys(write.product_id, write.job_id)
     code = await app[SCRIPTS].push(keys=push_keys_, args=args)
@@ -253,7 +252,7 @@ async def _push_expected(app: web.Application, write: Write, wait: float, envelo
     if code[0] in (2, 3, 4):  # decided here; a keyed answer was stored by the script
         hub.discard(write.job_id, future)
         if code[0] != 2:
-            return Answer(write.job_id, unknown)
+            return Answer(write.job_id, _unknown(write))
         app[METRICS].holds_refused_fast.inc()
         return Answer(write.job_id, {"status": 409, "body": insufficient_stock(
             int(code[1]), write.admission_qty)})
@@ -264,6 +263,12 @@ async def _push_expected(app: web.Application, write: Write, wait: float, envelo
         return Answer(write.job_id, None, "queued", _resource(write))
     status, result = await hub.wait(write.job_id, future, wait)
     return Answer(write.job_id, result, status, _resource(write))
+
+
+def _unknown(write: Write) -> dict[str, Any]:
+    """The answer when the write's product does not exist (built only when needed: it is
+    sent with a keyed push, or returned)."""
+    return {"status": 404, "body": write.unknown or not_found("Product", write.product_id)}
 
 
 AVAILABLE = -7_777_777  # placeholder, replaced by the script with the units left
