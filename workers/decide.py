@@ -421,6 +421,8 @@ class Ledger:
 
     def webhook_updates(self) -> list[WebhookState]:
         """Webhooks stored before this batch whose outcome this batch decided."""
+        if not self.dirty_webhooks:  # (most batches: no webhook at all)
+            return []
         new = {h.key for h in self.new_webhooks}
         return [self.webhooks[k] for k in sorted(self.dirty_webhooks - new)]
 

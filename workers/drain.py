@@ -7,6 +7,7 @@ import logging
 import secrets
 import time
 from collections import defaultdict
+from collections.abc import Sequence
 from functools import lru_cache
 from typing import Any, cast
 
@@ -207,10 +208,11 @@ class Drainer:
                 self.config.job_ttl_seconds)
         outcomes = apply_batches(requests, self.policy)
         committed = time.perf_counter()
-        calls = []
+        calls, answers = [], {}
         for pid, outcome in outcomes.items():
             outcome.results.update(unreadable[pid])
-            calls.append(self.answer(pid, envelopes[pid], outcome))
+            answers[pid] = self.serialize(envelopes[pid], outcome)
+            calls.append(self.answer(pid, envelopes[pid], outcome, answers[pid]))
         size = sum(len(b) for b in envelopes.values())
         # On one Redis, a single round trip; on a cluster, the scripts (and the sharded
         # replies, sent after them) go to the data plane, the counters to the control one.
@@ -219,7 +221,7 @@ class Drainer:
         for call_keys, call_argv in calls:
             evalsha(pipe, self._finish.sha, call_keys, call_argv)
         if control is pipe:  # one Redis: the replies follow the results they announce
-            self._publish(pipe, "PUBLISH", outcomes, envelopes)
+            self._publish(pipe, "PUBLISH", answers, envelopes)
         tally = stats.tally((env.op, result.status, result.body)
                             for pid, outcome in outcomes.items() for env in envelopes[pid]
                             if (result := outcome.results.get(env.id)) is not None)
@@ -248,7 +250,7 @@ class Drainer:
         if control is not pipe:
             replies = control.execute()
             sharded = self.data.pipeline(transaction=False)
-            if self._publish(sharded, "SPUBLISH", outcomes, envelopes):
+            if self._publish(sharded, "SPUBLISH", answers, envelopes):
                 sharded.execute(raise_on_error=False)  # a lost reply is found by polling
         self.others_waiting = int(replies[-1])
         log.info("batch applied", extra={
@@ -259,21 +261,22 @@ class Drainer:
         return size
 
     @staticmethod
-    def _publish(pipe: Any, command: str, outcomes: dict[int, Outcome],
+    def _publish(pipe: Any, command: str, answers: dict[int, dict[str, bytes]],
                  envelopes: dict[int, list[Envelope]]) -> int:
         """The round's replies, one message per waiting gateway for all the round's
         products (not one per product batch); on a cluster by SPUBLISH, so that only the
-        node owning that gateway's channel carries them. Returns the messages queued."""
+        node owning that gateway's channel carries them. Returns the messages queued.
+        Each result goes in as the JSON ``serialize`` made of it (an orjson Fragment)."""
         replies: dict[str, list[Any]] = defaultdict(list)
         for pid, batch in envelopes.items():
             for env in batch:
                 if env.reply:
-                    replies[env.reply].append([env.id, outcomes[pid].results[env.id].as_dict()])
+                    replies[env.reply].append([env.id, orjson.Fragment(answers[pid][env.id])])
         for channel, payload in replies.items():
             pipe.execute_command(command, channel, orjson.dumps(payload))
         return len(replies)
 
-    def _run_each(self, script: Any, calls: list[tuple[list[str], list[Any]]]) -> list[Any]:
+    def _run_each(self, script: Any, calls: list[tuple[Sequence[str], list[Any]]]) -> list[Any]:
         """One script call per (keys, args), in one pipeline; loads the script if Redis
         does not know it (a new or restarted Redis)."""
         pipe = self.data.pipeline(transaction=False)
@@ -287,16 +290,23 @@ class Drainer:
                 raise reply
         return replies
 
-    def answer(self, product_id: int, batch: list[Envelope],
-               outcome: Outcome) -> tuple[list[str], list[Any]]:
-        """The FINISH call for a committed batch: results, cache, counters, control flags."""
+    @staticmethod
+    def serialize(batch: list[Envelope], outcome: Outcome) -> dict[str, bytes]:
+        """The JSON of every result a committed batch stores: its requests', those of
+        earlier requests it revised, and the answers to its unreadable envelopes."""
         results: dict[str, bytes] = {}
-        for env in batch:  # (the replies are sent for the whole round: _publish)
+        for env in batch:
             results[env.id] = orjson.dumps(outcome.results[env.id].as_dict())
         for job_id, result in outcome.revised.items():
             results[job_id] = orjson.dumps(result.as_dict())
         for job_id in outcome.results.keys() - results.keys():  # unreadable envelopes
             results[job_id] = orjson.dumps(outcome.results[job_id].as_dict())
+        return results
+
+    def answer(self, product_id: int, batch: list[Envelope], outcome: Outcome,
+               results: dict[str, bytes]) -> tuple[Sequence[str], list[Any]]:
+        """The FINISH call for a committed batch: ``results`` (see ``serialize``; the
+        replies are sent for the whole round: _publish), cache, counters, control flags."""
         admitted = sum(int(e.args.get("qty", 0)) for e in batch if e.op == "hold")
         adders = sum(1 for e in batch if adds_units(e.op, e.args))
         fields = product_fields(outcome.product) if outcome.product else {}

@@ -26,6 +26,7 @@ for the wake-up of a product; key names are in ``workers.keys``, scripts in
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -144,7 +145,7 @@ def enqueue_drain_job(control: redis.Redis) -> None:
         failure_ttl=24 * 3600, description="drain ready products")
 
 
-def evalsha(pipe: Any, sha: str, script_keys: list[str], args: list[Any]) -> None:
+def evalsha(pipe: Any, sha: str, script_keys: Sequence[str], args: list[Any]) -> None:
     """Queue a script call on a pipeline. Through execute_command, because redis-py's
     cluster pipeline refuses the ``evalsha`` method while it routes the command itself
     by its keys (all in one slot) like any other."""

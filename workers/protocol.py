@@ -12,6 +12,7 @@ without decoding JSON. A request's life, all keys in its product's slot:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any
 
 import orjson
@@ -262,14 +263,17 @@ def push_keys(product_id: int, job_id: str) -> list[str]:
             keys.job(job_id)]
 
 
-def take_keys(product_id: int) -> list[str]:
-    return [keys.queue(product_id), keys.inflight(product_id), keys.lease(product_id),
-            keys.wake(product_id), keys.product(product_id)]
+# A drainer names every product of every round twice (TAKE, FINISH): built once each.
+@lru_cache(maxsize=16_384)
+def take_keys(product_id: int) -> tuple[str, ...]:
+    return (keys.queue(product_id), keys.inflight(product_id), keys.lease(product_id),
+            keys.wake(product_id), keys.product(product_id))
 
 
-def finish_keys(product_id: int) -> list[str]:
-    return [keys.inflight(product_id), keys.lease(product_id), keys.product(product_id),
-            keys.queue(product_id), keys.wake(product_id)]
+@lru_cache(maxsize=16_384)
+def finish_keys(product_id: int) -> tuple[str, ...]:
+    return (keys.inflight(product_id), keys.lease(product_id), keys.product(product_id),
+            keys.queue(product_id), keys.wake(product_id))
 
 
 def finish_args(token: str, lease_ms: int, result_ttl: int, product_id: int, release: int,
