@@ -442,3 +442,34 @@ def test_a_replayed_dead_letter_is_queued_again_under_its_job_id(r: fakeredis.Fa
 
     assert push(r, envelope(1), qty=1) == [1]
     assert r.llen(keys.queue(PID)) == 1
+
+
+def test_a_rounds_replies_carry_each_result_as_serialized_once() -> None:
+    """The reply to each gateway is the JSON of [[job id, result], ...] for its requests
+    of the round: the results serialized for FINISH go in as they are."""
+    from workers.apply import Outcome
+    from workers.decide import Result
+    from workers.drain import Drainer
+
+    envs = {1: [Envelope(id=keys.new_id("job", 1), op="hold", args={"qty": 1}, reply="fs:a"),
+                Envelope(id=keys.new_id("job", 1), op="hold", args={"qty": 2}, reply="fs:b")],
+            2: [Envelope(id=keys.new_id("job", 2), op="hold", args={"qty": 3}, reply="fs:a"),
+                Envelope(id=keys.new_id("job", 2), op="hold", args={"qty": 4})]}
+    results = {env.id: Result(201 if n % 2 else 409, {"n": n, "text": "ü \" \\ <"})
+               for n, env in enumerate(e for batch in envs.values() for e in batch)}
+    outcomes = {pid: Outcome({e.id: results[e.id] for e in batch}, None)
+                for pid, batch in envs.items()}
+    answers = {pid: Drainer.serialize(envs[pid], outcomes[pid]) for pid in envs}
+    sent: list[tuple[Any, ...]] = []
+
+    class Pipe:
+        def execute_command(self, *args: Any) -> None:
+            sent.append(args)
+
+    assert Drainer._publish(Pipe(), "PUBLISH", answers, envs) == 2
+    expected = {
+        "fs:a": [[envs[1][0].id, results[envs[1][0].id].as_dict()],
+                 [envs[2][0].id, results[envs[2][0].id].as_dict()]],
+        "fs:b": [[envs[1][1].id, results[envs[1][1].id].as_dict()]]}
+    assert {channel: payload for _, channel, payload in sent} == {
+        channel: orjson.dumps(replies) for channel, replies in expected.items()}
