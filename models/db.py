@@ -84,6 +84,15 @@ class MySQL(ReconnectMixin, peewee.MySQLDatabase):  # type: ignore[misc]
     def savepoint(self) -> Any:
         return _Savepoint(self)
 
+    def outermost(self) -> bool:
+        """Whether a COMMIT sent now would end this thread's atomic() block: inside one,
+        and not inside a savepoint of it."""
+        return self.in_transaction() and not self._deferred.savepoints
+
+    def committed_early(self) -> None:
+        """The block's COMMIT went with its last statements: it sends nothing more."""
+        self._deferred.committed = True
+
     def close(self) -> bool:
         self._deferred.committed = self._deferred.begin = False
         self._deferred.savepoints = 0
@@ -168,8 +177,6 @@ def atomic():
     return db.obj.atomic()
 
 
-
-
 def execute_batch(statements: Sequence[Statement], *,
                   commit: bool = False) -> list[list[tuple[Any, ...]]]:
     """Run ``statements`` in order and return the rows of each: on MySQL in one round
@@ -184,8 +191,7 @@ def execute_batch(statements: Sequence[Statement], *,
     """
     if not statements:
         return []
-    mysql = db.obj if commit and isinstance(db.obj, MySQL) and db.in_transaction() \
-        and not db.obj._deferred.savepoints else None
+    mysql = db.obj if commit and isinstance(db.obj, MySQL) and db.obj.outermost() else None
     if mysql is not None:
         statements = [*statements, ("COMMIT", ())]
     if is_sqlite() or len(statements) == 1:
@@ -198,6 +204,6 @@ def execute_batch(statements: Sequence[Statement], *,
             cursor.nextset()
             rows.append(list(cursor.fetchall()))
     if mysql is not None:
-        mysql._deferred.committed = True
+        mysql.committed_early()
         rows.pop()  # COMMIT's
     return rows
