@@ -94,9 +94,10 @@ class MySQL(ReconnectMixin, peewee.MySQLDatabase):  # type: ignore[misc]
         self._deferred.committed = True
 
     def close(self) -> bool:
+        closed = bool(super().close())  # (refused inside a transaction: nothing is reset)
         self._deferred.committed = self._deferred.begin = False
         self._deferred.savepoints = 0
-        return bool(super().close())
+        return closed
 
     def _idle_and_open(self) -> bool:
         """Whether the connection is open and nothing arrived on it since its last

@@ -141,3 +141,20 @@ def test_a_connection_closed_while_idle_is_opened_again_for_the_next_transaction
     assert sent[0] == "BEGIN" and sent.count("BEGIN") == 2, sent
     assert db.execute_sql("SELECT CONNECTION_ID()").fetchone()[0] != mine
     assert _stock(other, pid) == (10, 4)
+
+
+def test_closing_inside_a_transaction_is_refused_and_its_begin_still_goes_first(
+        new_product: Callable[..., int], sent: list[str],
+        other: pymysql.connections.Connection) -> None:
+    pid = new_product(stock=5)
+    db.execute_sql("SELECT 1")
+    sent.clear()
+
+    with atomic():
+        with pytest.raises(peewee.OperationalError, match="transaction is open"):
+            db.close()
+        db.execute_sql("UPDATE products SET stock = 6 WHERE id = %s", [pid])
+        assert _stock(other, pid) == (5, 0)  # inside the transaction, not autocommitted
+
+    assert sent[0].startswith("BEGIN;\n")
+    assert _stock(other, pid) == (6, 0)
