@@ -175,3 +175,25 @@ def test_a_huge_number_and_nan_in_a_round_fail_alone_next_to_good_requests(
     assert [outcomes[first].results[good[0].id].status,
             outcomes[second].results[good[1].id].status] == [201, 201]
     assert (Product.get_by_id(first).reserved, Product.get_by_id(second).reserved) == (1, 2)
+
+
+def test_an_order_naming_a_hold_of_another_partition_fails_alone_in_a_shared_round(
+        new_product: Callable[..., int]) -> None:
+    """A hand-made envelope on one product's queue that names another product's hold:
+    refused (404), the other product's hold and counters untouched, and the round's
+    good requests on both products applied, with the counters' one UPDATE."""
+    first, second = new_product(stock=5), new_product(stock=5)
+    theirs = hold(second, 2)
+    apply_batches({second: [theirs]}, POLICY)
+    stray = Request(id=keys.new_id("job", first), op="order",
+                    args={"hold_id": theirs.args["hold_id"],
+                          "order_id": keys.order_id_for(theirs.args["hold_id"])})
+    good = [hold(first, 1), hold(second, 1)]
+
+    outcomes = apply_batches({first: [stray, good[0]], second: [good[1]]}, POLICY)
+
+    assert outcomes[first].results[stray.id].status == 404
+    assert [outcomes[first].results[good[0].id].status,
+            outcomes[second].results[good[1].id].status] == [201, 201]
+    assert Hold.get_by_id(theirs.args["hold_id"]).status == "active"
+    assert (Product.get_by_id(first).reserved, Product.get_by_id(second).reserved) == (1, 3)
