@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import weakref
 from collections.abc import AsyncIterator
@@ -10,6 +11,7 @@ from collections.abc import AsyncIterator
 import orjson
 import pytest
 from aiohttp import web
+from aiohttp.typedefs import Handler
 
 from gateway import server
 from gateway.server import (
@@ -25,18 +27,27 @@ async def hello(request: web.Request) -> web.Response:
     return web.json_response({"ok": True})
 
 
-@pytest.fixture
-async def port() -> AsyncIterator[int]:
+@contextlib.asynccontextmanager
+async def serving(path: str, handler: Handler) -> AsyncIterator[ProblemAppRunner]:
+    """An application answering GET ``path`` with ``handler``, served as the gateway is."""
     app = web.Application()
-    app.router.add_get("/", hello)
+    app.router.add_get(path, handler)
     runner = ProblemAppRunner(app, access_log=None, keepalive_timeout=KEEPALIVE_SECONDS)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
-    assert runner.server is not None
-    assert isinstance(runner.server(), ProblemRequestHandler)
-    yield runner.addresses[0][1]
-    await runner.cleanup()
+    try:
+        yield runner
+    finally:
+        await runner.cleanup()
+
+
+@pytest.fixture
+async def port() -> AsyncIterator[int]:
+    async with serving("/", hello) as runner:
+        assert runner.server is not None
+        assert isinstance(runner.server(), ProblemRequestHandler)
+        yield runner.addresses[0][1]
 
 
 async def exchange(port: int, raw: bytes) -> tuple[bytes, bytes, bytes]:
@@ -134,15 +145,9 @@ async def echo(request: web.Request) -> web.Response:
 @pytest.fixture
 async def gated_port(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[tuple[int, ReadGate]]:
     monkeypatch.setattr(server, "READS_PER_TURN", 1)
-    app = web.Application()
-    app.router.add_get("/echo/{n}", echo)
-    runner = ProblemAppRunner(app, access_log=None, keepalive_timeout=KEEPALIVE_SECONDS)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    assert isinstance(runner.server, server.ProblemServer)
-    yield runner.addresses[0][1], runner.server.gate
-    await runner.cleanup()
+    async with serving("/echo/{n}", echo) as runner:
+        assert isinstance(runner.server, server.ProblemServer)
+        yield runner.addresses[0][1], runner.server.gate
 
 
 async def test_a_crowd_past_the_gate_is_answered_whole(gated_port: tuple[int, ReadGate]) -> None:
@@ -194,13 +199,7 @@ async def test_an_idle_keep_alive_connection_keeps_no_request() -> None:
         seen.append(weakref.ref(request))
         return web.json_response({"ok": True})
 
-    app = web.Application()
-    app.router.add_get("/", remember)
-    runner = ProblemAppRunner(app, access_log=None, keepalive_timeout=KEEPALIVE_SECONDS)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    try:
+    async with serving("/", remember) as runner:
         reader, writer = await asyncio.open_connection("127.0.0.1", runner.addresses[0][1])
         writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
         head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
@@ -212,5 +211,3 @@ async def test_an_idle_keep_alive_connection_keeps_no_request() -> None:
         assert len(seen) == 1 and seen[0]() is None
         assert not reader.at_eof()  # the connection is still open
         writer.close()
-    finally:
-        await runner.cleanup()
