@@ -147,6 +147,47 @@ async def test_a_request_the_http_parser_refuses_gets_a_problem_document(
         assert doc["status"] == 400 and doc["type"] and doc["title"] and doc["detail"], doc
 
 
+async def test_a_crowd_sending_byte_by_byte_holds_up_nobody(
+    hapi: Api, hostile_service: ServiceInstance
+) -> None:
+    # 400 connections send their requests a byte at a time, so each gateway has far more
+    # reads per turn of its event loop than it parses (gateway/server.py, ReadGate); many
+    # reads wait their turn as partial requests. Good traffic beside them is answered,
+    # and so is every dribbled request, once whole.
+    pid = (await hapi.create_product(stock=1000))["id"]
+    request = f"GET /api/products/{pid} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+
+    async def dribble(n: int) -> int:
+        host, port = hostile_service.web_urls[n % 2].removeprefix("http://").split(":")
+        reader, writer = await asyncio.open_connection(host, int(port))
+        try:
+            for byte in request.encode():
+                writer.write(bytes([byte]))
+                await writer.drain()
+                await asyncio.sleep(0.002)
+            response = await asyncio.wait_for(reader.read(), 60)
+        finally:
+            writer.close()
+        return int(response.split(b" ", 2)[1])
+
+    async def hold(n: int) -> int:
+        return (await hapi.post("/api/holds", {"product_id": pid, "qty": 1},
+                                gateway=n)).status
+
+    async def read(n: int) -> int:
+        return (await hapi.get(f"/api/products/{pid}", gateway=n)).status
+
+    results = await asyncio.gather(*[dribble(n) for n in range(400)],
+                                   *[hold(n) for n in range(100)],
+                                   *[read(n) for n in range(100)])
+    dribbled, holds, reads = results[:400], results[400:500], results[500:]
+
+    assert holds == [201] * 100 and reads == [200] * 100
+    assert dribbled == [200] * 400
+    product = await hapi.wait_product(pid, timeout=SETTLE_SECONDS, stock=1000)
+    assert product["available"] == 900
+
+
 async def test_bad_key_in_an_idempotent_request_is_400(hapi: Api) -> None:
     pid = (await hapi.create_product(stock=5))["id"]
     for key in (" ", "\"\"", "k" * 256):
