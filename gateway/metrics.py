@@ -186,6 +186,10 @@ class Metrics:
                             "Writes turned away 503 (Retry-After) before being queued, "
                             "because this gateway had its fill of requests waiting",
                             registry=self.registry)
+        self.reads_held = Counter("flashsale_reads_held",
+                                  "Reads of a connection this gateway parsed a turn of its "
+                                  "event loop later, past the reads it parses per turn",
+                                  registry=self.registry)
         self.service = ServiceCollector(job_ttl_seconds)
         self.registry.register(self.service)
         self.products: set[int] = set()

@@ -47,6 +47,7 @@ from aiohttp.web_request import BaseRequest
 from flashsale import memory
 from flashsale.problems import problem
 from gateway.errors import PROBLEM_JSON, body_bytes
+from gateway.typedefs import METRICS
 
 log = logging.getLogger("flashsale.gateway")
 
@@ -79,9 +80,11 @@ class ReadGate:
     """At most ``per_turn`` reads parsed per turn of the event loop; the reads past
     that are parsed in later turns, in the order they arrived."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, per_turn: int) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, per_turn: int,
+                 on_hold: Callable[[], Any] | None = None) -> None:
         self._loop = loop
         self._per_turn = per_turn
+        self._on_hold = on_hold  # called for each read held back
         self._left = per_turn
         self._refill_due = False
         self._waiting: deque[Held] = deque()
@@ -100,6 +103,8 @@ class ReadGate:
             self._left -= 1
             return True
         self._waiting.append(handler)
+        if self._on_hold is not None:
+            self._on_hold()
         return False
 
     def _refill(self) -> None:
@@ -317,9 +322,10 @@ class ProblemRequestHandler(web.RequestHandler):
 class ProblemServer(web.Server):
     """aiohttp's low-level server, making a ProblemRequestHandler per connection."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, on_hold: Callable[[], Any] | None = None,
+                 **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.gate = ReadGate(self._loop, READS_PER_TURN)
+        self.gate = ReadGate(self._loop, READS_PER_TURN, on_hold)
 
     def __call__(self) -> web.RequestHandler:
         return ProblemRequestHandler(self, self.gate, loop=self._loop, **self._kwargs)
@@ -327,19 +333,33 @@ class ProblemServer(web.Server):
 
 class ProblemAppRunner(web.AppRunner):
     """aiohttp's AppRunner (it starts the application up and cleans it up) serving it
-    through a ProblemServer."""
+    through a ProblemServer. ``on_hold`` is called for each read the gate holds back."""
+
+    def __init__(self, app: web.Application, *, on_hold: Callable[[], Any] | None = None,
+                 **kwargs: Any) -> None:
+        super().__init__(app, **kwargs)
+        self._on_hold = on_hold
 
     async def _make_server(self) -> web.Server:
         server = await super()._make_server()
         return ProblemServer(server.request_handler, request_factory=server.request_factory,
                              handler_cancellation=server.handler_cancellation,
-                             loop=asyncio.get_running_loop(), **server._kwargs)
+                             loop=asyncio.get_running_loop(), on_hold=self._on_hold,
+                             **server._kwargs)
+
+
+def make_runner(app: web.Application, handle_signals: bool = True) -> ProblemAppRunner:
+    """The runner the gateway is served by; held reads count in its metrics if it has
+    them (``flashsale_reads_held_total``)."""
+    metrics = app.get(METRICS)
+    return ProblemAppRunner(app, access_log=None, handle_signals=handle_signals,
+                            on_hold=metrics.reads_held.inc if metrics else None,
+                            keepalive_timeout=KEEPALIVE_SECONDS)
 
 
 async def _serve(app: web.Application, host: str, port: int, backlog: int,
                  announce: Callable[[str], Any]) -> None:
-    runner = ProblemAppRunner(app, access_log=None, handle_signals=True,
-                              keepalive_timeout=KEEPALIVE_SECONDS)
+    runner = make_runner(app)
     await runner.setup()
     if not LIGHT_KEEPALIVE:
         log.warning("aiohttp %s is not the version gateway/server.py copied "

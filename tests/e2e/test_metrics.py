@@ -117,7 +117,8 @@ async def test_histograms_and_names_follow_prometheus_conventions(api: Api) -> N
                      "flashsale_queue_wait_seconds"):
             assert kinds.get(name) == "histogram", (name, kinds.get(name))
         for name in ("flashsale_http_requests", "flashsale_worker_requests",
-                     "flashsale_worker_refusals", "flashsale_dead_letters"):
+                     "flashsale_worker_refusals", "flashsale_dead_letters",
+                     "flashsale_reads_held"):
             assert kinds.get(name) == "counter", (name, kinds.get(name))
         products = {s.labels["product_id"] for f in text_string_to_metric_families(text)
                     for s in f.samples if "product_id" in s.labels}

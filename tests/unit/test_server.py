@@ -6,7 +6,8 @@ import asyncio
 import contextlib
 import gc
 import weakref
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 import orjson
 import pytest
@@ -14,6 +15,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from gateway import server
+from gateway.metrics import Metrics
 from gateway.server import (
     KEEPALIVE_SECONDS,
     ProblemAppRunner,
@@ -21,6 +23,7 @@ from gateway.server import (
     ReadGate,
     _serve,
 )
+from gateway.typedefs import METRICS
 
 
 async def hello(request: web.Request) -> web.Response:
@@ -28,11 +31,13 @@ async def hello(request: web.Request) -> web.Response:
 
 
 @contextlib.asynccontextmanager
-async def serving(path: str, handler: Handler) -> AsyncIterator[ProblemAppRunner]:
+async def serving(path: str, handler: Handler, on_hold: Callable[[], Any] | None = None
+                  ) -> AsyncIterator[ProblemAppRunner]:
     """An application answering GET ``path`` with ``handler``, served as the gateway is."""
     app = web.Application()
     app.router.add_get(path, handler)
-    runner = ProblemAppRunner(app, access_log=None, keepalive_timeout=KEEPALIVE_SECONDS)
+    runner = ProblemAppRunner(app, access_log=None, keepalive_timeout=KEEPALIVE_SECONDS,
+                              on_hold=on_hold)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
@@ -120,11 +125,12 @@ class Queued:
 
 async def test_the_gate_admits_a_turn_s_reads_then_queues_the_rest_in_order() -> None:
     released: list[int] = []
-    gate = ReadGate(asyncio.get_running_loop(), 2)
+    held: list[None] = []
+    gate = ReadGate(asyncio.get_running_loop(), 2, lambda: held.append(None))
     handlers = [Queued(i, released) for i in range(5)]
 
     assert [gate.admit(h) for h in handlers] == [True, True, False, False, False]
-    assert gate.waiting == 3
+    assert gate.waiting == 3 and len(held) == 3  # (counted: flashsale_reads_held_total)
 
     await asyncio.sleep(0)  # the next turn: two of those queued, first come first
     assert released == [2, 3]
@@ -142,10 +148,14 @@ async def echo(request: web.Request) -> web.Response:
     return web.json_response({"n": int(request.match_info["n"])})
 
 
+HELD: list[None] = []
+
+
 @pytest.fixture
 async def gated_port(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[tuple[int, ReadGate]]:
     monkeypatch.setattr(server, "READS_PER_TURN", 1)
-    async with serving("/echo/{n}", echo) as runner:
+    HELD.clear()
+    async with serving("/echo/{n}", echo, lambda: HELD.append(None)) as runner:
         assert isinstance(runner.server, server.ProblemServer)
         yield runner.addresses[0][1], runner.server.gate
 
@@ -154,16 +164,6 @@ async def test_a_crowd_past_the_gate_is_answered_whole(gated_port: tuple[int, Re
     # One read per turn: most of these 40 connections' reads wait their turn, some of
     # them on connections that are gone by then; every one still open gets its answers.
     port, gate = gated_port
-    refused = 0
-    admit = gate.admit
-
-    def counting(handler: server.Held) -> bool:
-        nonlocal refused
-        admitted = admit(handler)
-        refused += not admitted
-        return admitted
-
-    gate.admit = counting  # type: ignore[method-assign]
     conns = [await asyncio.open_connection("127.0.0.1", port) for _ in range(40)]
 
     async def ask(i: int, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
@@ -187,7 +187,7 @@ async def test_a_crowd_past_the_gate_is_answered_whole(gated_port: tuple[int, Re
     for i, answers in enumerate(got):
         assert answers == (None if i % 4 == 0 else [i * 10, i * 10 + 1, i * 10 + 2])
     await asyncio.sleep(0.05)
-    assert refused > 0 and gate.waiting == 0
+    assert HELD and gate.waiting == 0  # reads were held back, and all had their turn
 
 
 async def test_an_idle_keep_alive_connection_keeps_no_request() -> None:
@@ -211,3 +211,29 @@ async def test_an_idle_keep_alive_connection_keeps_no_request() -> None:
         assert len(seen) == 1 and seen[0]() is None
         assert not reader.at_eof()  # the connection is still open
         writer.close()
+
+
+async def test_the_gateway_counts_the_reads_it_holds_back(monkeypatch: pytest.MonkeyPatch
+                                                          ) -> None:
+    monkeypatch.setattr(server, "READS_PER_TURN", 1)
+    app = web.Application()
+    app.router.add_get("/echo/{n}", echo)
+    app[METRICS] = Metrics()
+    runner = server.make_runner(app, handle_signals=False)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        conns = [await asyncio.open_connection("127.0.0.1", runner.addresses[0][1])
+                 for _ in range(20)]
+        for n, (_, writer) in enumerate(conns):
+            writer.write(b"GET /echo/%d HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n" % n)
+        answers = [await asyncio.wait_for(reader.read(), 10) for reader, _ in conns]
+        for _, writer in conns:
+            writer.close()
+    finally:
+        await runner.cleanup()
+
+    assert all(a.startswith(b"HTTP/1.1 200") for a in answers)
+    held = app[METRICS].registry.get_sample_value("flashsale_reads_held_total")
+    assert held is not None and held > 0
