@@ -8,19 +8,20 @@ the same ``application/problem+json`` document as every other error.
 
 aiohttp keeps a keep-alive connection's last request (its parsed message, payload,
 writer and response: about 5 KB) until the next request arrives: at 2,500 idle
-connections, 12 MB. ``ProblemRequestHandler.start`` is aiohttp's own, copied, with
+connections, 13 MB of Python objects. ``ProblemRequestHandler.start`` is aiohttp's own, copied, with
 that request dropped once answered. It is used only with the aiohttp it was copied
 from (the source's SHA-256 is checked at import); with another, aiohttp's is used and
 the gateway says so when it starts.
 
 A crowd on keep-alive connections sends at once: in one turn of the event loop the
 server reads every socket that has data, and aiohttp parses each read into a request,
-its task and its coroutines (about 10 KB each, kept until answered) before the first
-one is answered. At 2,500 connections that burst alone was about 20 MB of a gateway's
-memory. A ``ReadGate`` parses at most ``READS_PER_TURN`` reads per turn; a read past
-that waits as its raw bytes (a few hundred), its socket paused, and is parsed in a
-later turn, first come first parsed. The rest of the crowd waits in the kernel's socket
-buffers, where it costs the gateway nothing.
+its task and its coroutines (kept until answered) before the first one is answered.
+A ``ReadGate`` parses at most ``READS_PER_TURN`` reads per turn; a read past that
+waits as its raw bytes (a few hundred), its socket paused, and is parsed in a later
+turn, first come first parsed. The rest of the crowd waits in the kernel's socket
+buffers, where it costs the gateway nothing. One gateway holding 2,500 connections
+through a sold-out rush peaked at 114 MB without the gate, 102 MB with it, and 92-94 MB
+with the gate and the light keep-alive.
 
 Everything else is aiohttp's: ``AppRunner`` (startup, cleanup, graceful shutdown on
 SIGTERM), ``TCPSite``.
@@ -57,9 +58,9 @@ KEEPALIVE_SECONDS = 75.0
 
 # Reads parsed per turn of the event loop (see the module's docstring). One gateway,
 # 2,500 connections, a sold-out rush: peak RSS 89 MB with 64, 93 with 128, 100 with 256,
-# 114 without the gate. 200 clients over two gateways are 100 connections each, fewer
-# reads than 128 in any turn: the gate holds none of them back (64 did, and 100 hot
-# products were about 7 % slower in three interleaved pairs: the noise, or not).
+# 114 without the gate; the benchmark's overload runs peaked the same with 64 and 128,
+# and so did the 200-client scenarios' rates (docs/BENCHMARKS.md, "1 December, day").
+# 200 clients over two gateways are 100 connections each: 128 holds none of them back.
 READS_PER_TURN = 128
 
 # SHA-256 of the source of aiohttp 3.14.5's RequestHandler.start, which
@@ -144,7 +145,11 @@ class ProblemRequestHandler(web.RequestHandler):
         if held is None or self.transport is None:  # closed meanwhile
             return
         self.transport.resume_reading()
-        super().data_received(b"".join(held))
+        try:
+            super().data_received(b"".join(held))
+        except Exception:  # what the event loop does when data_received raises
+            log.exception("a held read could not be parsed; its connection is closed")
+            self.transport.abort()
 
     if LIGHT_KEEPALIVE:
 

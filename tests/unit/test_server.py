@@ -190,6 +190,33 @@ async def test_a_crowd_past_the_gate_is_answered_whole(gated_port: tuple[int, Re
     assert HELD and gate.waiting == 0  # reads were held back, and all had their turn
 
 
+async def test_a_read_that_breaks_the_parser_closes_only_its_connection(
+    gated_port: tuple[int, ReadGate], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Whether it was parsed at once or held for a later turn (one read per turn here),
+    # a read whose parsing raises closes its own connection and nobody else's.
+    port, gate = gated_port
+    parse = web.RequestHandler.data_received
+
+    def breaking(self: web.RequestHandler, data: bytes) -> None:
+        if b"BOOM" in data:
+            raise RuntimeError("the parser broke")
+        parse(self, data)
+
+    monkeypatch.setattr(web.RequestHandler, "data_received", breaking)
+    conns = [await asyncio.open_connection("127.0.0.1", port) for _ in range(21)]
+    for n, (_, writer) in enumerate(conns):
+        path = b"/BOOM" if n == 10 else b"/echo/%d" % n
+        writer.write(b"GET %s HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n" % path)
+    answers = [await asyncio.wait_for(reader.read(), 10) for reader, _ in conns]
+    for _, writer in conns:
+        writer.close()
+
+    assert answers[10] == b""  # closed unanswered
+    assert all(a.startswith(b"HTTP/1.1 200") for n, a in enumerate(answers) if n != 10)
+    assert gate.waiting == 0
+
+
 async def test_an_idle_keep_alive_connection_keeps_no_request() -> None:
     # aiohttp keeps a connection's last request and response until the next request;
     # at 2,500 idle connections that was 12 MB of a gateway. Ours drops them.
