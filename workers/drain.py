@@ -125,6 +125,8 @@ def drain(product_id: int | None = None) -> int:
 class Drainer:
     """Holds the leases of some products and applies their queues, a round at a time:
     one batch of each product, all in one transaction, answered in one Redis round trip.
+    That round trip also takes each product's next batch (FINISH), so a product that
+    stays hot costs one script call a round, and a round of such products no TAKE.
     """
 
     def __init__(self, planes: Planes | redis.Redis, config: Settings, name: str = "") -> None:
@@ -136,6 +138,7 @@ class Drainer:
         self.token = secrets.token_hex(8)  # the value of every lease it holds
         self.policy = self.policy_of(config)
         self.held: list[int] = []  # products whose lease it holds, with work left
+        self.taken: dict[int, list[bytes]] = {}  # held products' next batches (FINISH's)
         self.others_waiting = 0  # products on the ready list, seen after the last round
         self.rounds = 0
         self._take = self.data.register_script(TAKE)
@@ -159,36 +162,49 @@ class Drainer:
         """TAKE a batch of every held product and of ``fresh`` ones (taking their free
         leases), apply them all in one transaction, answer them; returns their size."""
         candidates = self.held + [pid for pid in fresh if pid not in self.held]
-        # Every product gets its share of a round of at most ROUND_BATCHES full batches.
-        size = max(1, min(self.config.batch_size,
-                          ROUND_BATCHES * self.config.batch_size // len(candidates)))
-        taken = self._run_each(self._take, [
-            (take_keys(pid), [self.token, size, self.config.lease_ms,
-                              keys.job_prefix(pid), 1]) for pid in candidates])
+        size = self.share(len(candidates))
         batches: dict[int, list[bytes]] = {}
-        for pid, raw in zip(candidates, taken, strict=True):
-            if raw is None:  # another drainer has it, and sees what was queued
-                if pid in self.held:
+        to_take = []
+        for pid in candidates:  # (in the held products' order, then the fresh ones')
+            if pid in self.taken:
+                batches[pid] = self.taken.pop(pid)
+            else:
+                batches[pid] = []
+                to_take.append(pid)
+        if to_take:
+            taken = self._run_each(self._take, [
+                (take_keys(pid), [self.token, size, self.config.lease_ms,
+                                  keys.job_prefix(pid), 1]) for pid in to_take])
+            for pid, raw in zip(to_take, taken, strict=True):
+                if raw is None and pid in self.held:  # (another drainer has it)
                     log.warning("product %d: lease lost", pid)
-            elif raw:  # (empty: the queue ran dry; the script released lease and wake)
-                batches[pid] = raw
+                if raw:  # (empty: the queue ran dry; the script released lease and wake)
+                    batches[pid] = raw
+                else:
+                    del batches[pid]
         self.held = list(batches)
         return self.step(batches) if batches else 0
+
+    def share(self, products: int) -> int:
+        """A product's batch size in a round of ``products``: every product gets its
+        share of a round of at most ROUND_BATCHES full batches."""
+        return max(1, min(self.config.batch_size,
+                          ROUND_BATCHES * self.config.batch_size // max(1, products)))
 
     def hand_back(self) -> None:
         """Release the held leases and requeue their products; wake flags stay set."""
         if not self.held:
             return
         self._run_each(self._release, [([keys.lease(pid)], [self.token]) for pid in self.held])
-        self.conn.rpush(keys.READY, *self.held)
-        self.held = []
+        self.conn.rpush(keys.READY, *self.held)  # (a taken batch waits in flight: TAKE's)
+        self.held, self.taken = [], {}
 
     def release_all(self) -> None:
         """After a failure: give up the leases; the sweep wakes a drainer for what is left."""
         for pid in self.held:
             with contextlib.suppress(Exception):
                 self._release(keys=[keys.lease(pid)], args=[self.token])
-        self.held = []
+        self.held, self.taken = [], {}
 
     def step(self, batches: dict[int, list[bytes]]) -> int:
         """Apply a round's batches in one transaction, then answer them: one round trip to
@@ -209,10 +225,11 @@ class Drainer:
         outcomes = apply_batches(requests, self.policy)
         committed = time.perf_counter()
         calls, answers = [], {}
+        take = self.share(len(outcomes))  # the next round's batches, taken by FINISH
         for pid, outcome in outcomes.items():
             outcome.results.update(unreadable[pid])
             answers[pid] = self.serialize(envelopes[pid], outcome)
-            calls.append(self.answer(pid, envelopes[pid], outcome, answers[pid]))
+            calls.append(self.answer(pid, envelopes[pid], outcome, answers[pid], take))
         size = sum(len(b) for b in envelopes.values())
         # On one Redis, a single round trip; on a cluster, the scripts (and the sharded
         # replies, sent after them) go to the data plane, the counters to the control one.
@@ -238,15 +255,20 @@ class Drainer:
         control.zadd(keys.DRAINERS, {self.name: int(time.time() * 1000)})  # heartbeat
         control.llen(keys.READY)
         replies = pipe.execute(raise_on_error=False)
-        dry = set()  # products whose queue was empty: FINISH released them
+        gone = set()  # products whose queue was empty (FINISH released them), or lost
         for pid, (call_keys, call_argv), reply in zip(outcomes, calls, replies, strict=False):
             if isinstance(reply, NoScriptError):  # Redis restarted: load it and run it
                 reply = self._finish(keys=call_keys, args=call_argv)
             elif isinstance(reply, Exception):
                 raise reply
-            if reply == 2:
-                dry.add(pid)
-        self.held = [pid for pid in self.held if pid not in dry]
+            if isinstance(reply, list):
+                self.taken[pid] = reply
+            elif reply == 0:  # the next drainer replays the batch: its results are stored
+                log.warning("product %d: lease lost", pid)
+                gone.add(pid)
+            elif reply == 2:
+                gone.add(pid)
+        self.held = [pid for pid in self.held if pid not in gone]
         if control is not pipe:
             replies = control.execute()
             sharded = self.data.pipeline(transaction=False)
@@ -304,9 +326,10 @@ class Drainer:
         return results
 
     def answer(self, product_id: int, batch: list[Envelope], outcome: Outcome,
-               results: dict[str, bytes]) -> tuple[Sequence[str], list[Any]]:
+               results: dict[str, bytes], take: int = 0) -> tuple[Sequence[str], list[Any]]:
         """The FINISH call for a committed batch: ``results`` (see ``serialize``; the
-        replies are sent for the whole round: _publish), cache, counters, control flags."""
+        replies are sent for the whole round: _publish), cache, counters, control flags,
+        and up to ``take`` requests queued meanwhile taken as the product's next batch."""
         admitted = sum(int(e.args.get("qty", 0)) for e in batch if e.op == "hold")
         adders = sum(1 for e in batch if adds_units(e.op, e.args))
         fields = product_fields(outcome.product) if outcome.product else {}
@@ -314,7 +337,7 @@ class Drainer:
         return (finish_keys(product_id),
                 finish_args(self.token, self.config.lease_ms, self.config.job_cache_seconds,
                             product_id, admitted, fields, results, {},
-                            sorted(set(delete)), adders))
+                            sorted(set(delete)), adders, take))
 
 def _unique(batch: list[Envelope]) -> list[Request]:
     """The batch's requests, each request id once even if it was queued twice."""

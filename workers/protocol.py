@@ -6,7 +6,8 @@ without decoding JSON. A request's life, all keys in its product's slot:
     push    gateway:  admission check, RPUSH queue, job = "queued", set wake flag
     take    drainer:  (lease held) re-take the in-flight batch, else LPOP n -> inflight
     finish  drainer:  (after commit) store results, publish replies, drop inflight,
-                      refresh the product cache and the admission counter
+                      refresh the product cache and the admission counter, and take
+                      the next batch (queue -> inflight) or release the lease
 """
 
 from __future__ import annotations
@@ -102,16 +103,18 @@ return items
 # finish: KEYS inflight, lease, product, queue, wake
 #         ARGV token, lease ms, result ttl s, job key prefix, admitted units to release,
 #              n product fields, n results, n replies, n keys to delete,
-#              envelopes that may add units (see push), then the lists
-# -> 1: the lease is renewed for the requests queued meanwhile | 2: none were, and lease
-#    and wake are released as TAKE releases them (a push from now on wakes a drainer),
-#    so the drainer needs no further TAKE to learn it | 0: the lease was lost (the next
-#    drainer replays the committed batch)
+#              envelopes that may add units (see push), n to take, then the lists
+# -> the next batch: up to n envelopes queued meanwhile, taken in flight under the renewed
+#    lease as TAKE takes them, so that the drainer's next round needs no TAKE for this
+#    product | 1: requests were queued meanwhile (n = 0: none taken), the lease is renewed
+#    | 2: none were, and lease and wake are released as TAKE releases them (a push from
+#    now on wakes a drainer), so the drainer needs no further TAKE to learn it | 0: the
+#    lease was lost (the next drainer replays the committed batch)
 FINISH = """
 if redis.call('GET', KEYS[2]) ~= ARGV[1] then return 0 end
 redis.call('PEXPIRE', KEYS[2], ARGV[2])
 redis.call('DEL', KEYS[1])
-local i = 11
+local i = 12
 local nfields, nresults = tonumber(ARGV[6]), tonumber(ARGV[7])
 local nreplies, ndel = tonumber(ARGV[8]), tonumber(ARGV[9])
 if nfields > 0 then
@@ -145,6 +148,16 @@ if redis.call('LLEN', KEYS[4]) == 0 then
     redis.call('HSET', KEYS[3], 'queued', 0, 'adders', 0)
   end
   return 2
+end
+local n = tonumber(ARGV[11])
+if n > 0 then
+  local items = redis.call('LPOP', KEYS[4], n)
+  redis.call('RPUSH', KEYS[1], unpack(items))
+  for _, item in ipairs(items) do
+    local id = string.sub(item, 1, string.find(item, ' ', 1, true) - 1)
+    redis.call('SET', ARGV[4] .. id, 'processing', 'XX', 'KEEPTTL')
+  end
+  return items
 end
 return 1
 """
@@ -278,9 +291,10 @@ def finish_keys(product_id: int) -> tuple[str, ...]:
 
 def finish_args(token: str, lease_ms: int, result_ttl: int, product_id: int, release: int,
                 fields: dict[str, Any], results: dict[str, bytes],
-                replies: dict[str, bytes], delete: list[str], adders: int = 0) -> list[Any]:
+                replies: dict[str, bytes], delete: list[str], adders: int = 0,
+                take: int = 0) -> list[Any]:
     args: list[Any] = [token, lease_ms, result_ttl, keys.job_prefix(product_id), release,
-                       len(fields), len(results), len(replies), len(delete), adders]
+                       len(fields), len(results), len(replies), len(delete), adders, take]
     for name, value in fields.items():
         args += [name, value]
     for job_id, result in results.items():

@@ -236,26 +236,76 @@ def test_one_round_applies_many_products_in_one_transaction(
 def test_a_product_with_requests_queued_meanwhile_stays_held(
         redis_conn: redis.Redis, new_product: Callable[..., int]) -> None:
     busy, quiet = new_product(stock=5), new_product(stock=5)
-    push_holds(redis_conn, busy, [1], admit=False)
+    first = push_holds(redis_conn, busy, [1], admit=False)
     push_holds(redis_conn, quiet, [1], admit=False)
     drainer = Drainer(redis_conn, SETTINGS)
     redis_conn.delete(keys.READY)
-    original = drainer.step
+    original, run_each = drainer.step, drainer._run_each
+    meanwhile: list[Envelope] = []
+    scripts: list[str] = []
 
     def step_with_a_push_meanwhile(batches: dict[int, list[bytes]]) -> int:
-        push_holds(redis_conn, busy, [2], admit=False)  # arrives while the round applies
+        # arrives while the round applies
+        meanwhile.extend(push_holds(redis_conn, busy, [2], admit=False))
         return original(batches)
 
+    def counted(script: Any, calls: list[Any]) -> list[Any]:
+        scripts.extend(script.sha for _ in calls)
+        return run_each(script, calls)
+
     drainer.step = step_with_a_push_meanwhile  # type: ignore[method-assign]
+    drainer._run_each = counted  # type: ignore[method-assign]
     assert drainer.round([busy, quiet]) == 2
     drainer.step = original  # type: ignore[method-assign]
 
     assert drainer.held == [busy]
     assert_drained(redis_conn, quiet)
     assert redis_conn.llen(keys.READY) == 0  # the push found the product awake
+    # FINISH took the request queued meanwhile as the next batch, under the lease.
+    assert [Envelope.decode(e).id for e in drainer.taken[busy]] == [meanwhile[0].id]
+    assert redis_conn.get(keys.job(meanwhile[0].id)) == b"processing"
+    assert scripts == [drainer._take.sha] * 2  # the fresh products' TAKE only
     assert drainer.round([]) == 1
-    assert drainer.held == [] and redis_conn.llen(keys.READY) == 0
+    assert scripts == [drainer._take.sha] * 2  # no TAKE for it: its batch was taken
+    assert drainer.held == [] and drainer.taken == {} and redis_conn.llen(keys.READY) == 0
     assert_drained(redis_conn, busy)
+    assert_applied_once(first + meanwhile, busy)
+
+
+def test_a_product_handed_back_with_its_next_batch_taken_is_applied_once_by_another(
+        redis_conn: redis.Redis, new_product: Callable[..., int]) -> None:
+    """More products are hot than a drainer holds: it hands its products back after a
+    round, with the batches FINISH took in flight; the next drainer applies those."""
+    pid = new_product(stock=5)
+    first = push_holds(redis_conn, pid, [1], admit=False)
+    drainer = Drainer(redis_conn, SETTINGS)
+    redis_conn.delete(keys.READY)
+    original = drainer.step
+    meanwhile: list[Envelope] = []
+
+    def step_with_a_push_meanwhile(batches: dict[int, list[bytes]]) -> int:
+        meanwhile.extend(push_holds(redis_conn, pid, [1, 2], admit=False))
+        return original(batches)
+
+    drainer.step = step_with_a_push_meanwhile  # type: ignore[method-assign]
+    assert drainer.round([pid]) == 1
+    assert len(drainer.taken[pid]) == 2
+
+    drainer.hand_back()
+
+    assert drainer.held == [] and drainer.taken == {}
+    assert redis_conn.lrange(keys.READY, 0, -1) == [str(pid).encode()]
+    assert redis_conn.exists(keys.lease(pid)) == 0
+    assert redis_conn.llen(keys.inflight(pid)) == 2
+    other = Drainer(redis_conn, SETTINGS)
+    fresh = [int(p) for p in redis_conn.lpop(keys.READY, 10) or []]
+    applied = other.round(fresh)  # its TAKE finds the batch in flight
+    while other.held:
+        applied += other.round([])
+    assert applied == 2
+    assert [job_result(redis_conn, e.id)["status"] for e in first + meanwhile] == [201] * 3
+    assert_applied_once(first + meanwhile, pid)
+    assert_drained(redis_conn, pid)
 
 
 def test_a_product_that_fails_the_shared_transaction_fails_alone(

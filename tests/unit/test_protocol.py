@@ -69,10 +69,11 @@ def take(r: fakeredis.FakeRedis, n: int = 10, token: str = TOKEN) -> list[bytes]
 def finish(r: fakeredis.FakeRedis, token: str = TOKEN, release: int = 0,
            fields: dict[str, Any] | None = None, results: dict[str, bytes] | None = None,
            replies: dict[str, bytes] | None = None, delete: list[str] | None = None,
-           adders: int = 0) -> int:
+           adders: int = 0, take: int = 0) -> Any:
     args = finish_args(token, LEASE_MS, JOB_TTL, PID, release, fields or {}, results or {},
-                       replies or {}, delete or [], adders)
-    return int(r.register_script(FINISH)(keys=finish_keys(PID), args=args))
+                       replies or {}, delete or [], adders, take)
+    done = r.register_script(FINISH)(keys=finish_keys(PID), args=args)
+    return done if isinstance(done, list) else int(done)
 
 
 def field(r: fakeredis.FakeRedis, name: str) -> Any:
@@ -362,6 +363,31 @@ def test_finish_stores_results_answers_and_refreshes_the_product(
     assert r.exists(keys.inflight(PID), keys.control(PID, "expire")) == 0
     assert (field(r, "stock"), field(r, "available"), field(r, "queued")) == (b"10", b"7", b"2")
     assert r.pttl(keys.lease(PID)) > 100  # renewed for the next batch
+
+
+def test_finish_takes_the_next_batch_as_take_would(r: fakeredis.FakeRedis) -> None:
+    """With ``take``, the requests queued while a batch was applied become the next
+    batch in the same call: in flight, marked processing, under the renewed lease."""
+    taken(r, 2, queued=2)
+    for n in (5, 6, 7):
+        push(r, envelope(n))
+
+    batch = finish(r, release=2, fields={"stock": 10, "available": 8},
+                   results={job_id(0): b"{}", job_id(1): b"{}"}, take=2)
+
+    assert batch == [envelope(5).encode(), envelope(6).encode()]
+    assert r.get(keys.job(job_id(0))) == b"{}"  # the batch before it is answered
+    assert r.lrange(keys.inflight(PID), 0, -1) == batch
+    assert r.lrange(keys.queue(PID), 0, -1) == [envelope(7).encode()]
+    assert [r.get(keys.job(job_id(n))) for n in (5, 6, 7)] == [b"processing"] * 2 + [b"queued"]
+    assert JOB_TTL - 5 < r.ttl(keys.job(job_id(5))) <= JOB_TTL
+    assert r.pttl(keys.lease(PID)) > LEASE_MS - 1_000 and r.exists(keys.wake(PID))
+    # A drainer that dies now leaves it as TAKE would: the next one takes it again.
+    assert take(r) == batch
+
+    assert finish(r, fields={"stock": 10, "available": 6}, take=10) == [envelope(7).encode()]
+    assert finish(r, fields={"stock": 10, "available": 5}, take=10) == 2  # none left
+    assert r.exists(keys.lease(PID), keys.wake(PID), keys.inflight(PID)) == 0
 
 
 def test_finish_never_takes_queued_below_zero(r: fakeredis.FakeRedis) -> None:
