@@ -98,6 +98,13 @@ def _p99(result: Mapping[str, Any] | None) -> float | None:
     return None if value is None else float(value)
 
 
+def _bar_ratio(numerator: float | None, denominator: float | None) -> float | None:
+    """A ratio held against a bar: to 3 places, so that 0.696 is not met as 0.70."""
+    if numerator is None or denominator is None or denominator == 0:
+        return None
+    return round(numerator / denominator, 3)
+
+
 def _rate(result: Mapping[str, Any] | None) -> float | None:
     if not result:
         return None
@@ -115,34 +122,34 @@ def goals(targets: Mapping[str, Mapping[str, Any]],
     for key, result in ours.items():
         scenario, clients = result.get("scenario"), result.get("clients")
         if scenario == "sellout" and key in peer:
-            value = ratio(_rate(result), _rate(peer[key]))
+            value = _bar_ratio(_rate(result), _rate(peer[key]))
             found.append(Goal(f"{key}: holds/s vs lock-per-request", value,
                               f">= {SELLOUT_RATE_BAR:g}x", _at_least(value, SELLOUT_RATE_BAR)))
-            value = ratio(_p99(result), _p99(peer[key]))
+            value = _bar_ratio(_p99(result), _p99(peer[key]))
             found.append(Goal(f"{key}: p99 vs lock-per-request", value,
                               f"<= {SELLOUT_P99_BAR:g}x", _at_most(value, SELLOUT_P99_BAR)))
         if scenario == "soldout" and key in peer:
-            value = ratio(_rate(result), _rate(peer[key]))
+            value = _bar_ratio(_rate(result), _rate(peer[key]))
             found.append(Goal(f"{key}: refusals/s vs lock-per-request", value,
                               f">= {SOLDOUT_BAR:g}x", _at_least(value, SOLDOUT_BAR)))
         if scenario == "read" and key in hello:
-            value = ratio(_rate(result), _rate(hello[key]))
+            value = _bar_ratio(_rate(result), _rate(hello[key]))
             found.append(Goal(f"{key}: reads/s vs bare aiohttp", value,
                               f">= {READ_BAR:g}x", _at_least(value, READ_BAR)))
             # When the client saturates first, gateway CPU per read still tells them apart.
-            value = ratio(hello[key].get("server_cpu_ms_per_request"),
+            value = _bar_ratio(hello[key].get("server_cpu_ms_per_request"),
                           result.get("server_cpu_ms_per_request"))
             found.append(Goal(f"{key}: gateway CPU per read, bare aiohttp / ours "
                               "(Redis CPU not counted)", value, f">= {READ_BAR:g}x",
                               _at_least(value, READ_BAR)))
         if scenario == "many" and result.get("products") == MANY_PRODUCTS:
             if key in peer:
-                value = ratio(_rate(result), _rate(peer[key]))
+                value = _bar_ratio(_rate(result), _rate(peer[key]))
                 found.append(Goal(f"{key}: holds/s vs lock-per-request", value,
                                   f">= {MANY_PEER_BAR:g}x", _at_least(value, MANY_PEER_BAR)))
             one = ours.get(scenario_key("many", int(clients or 0), 1))
             if one:
-                value = ratio(_rate(result), _rate(one))
+                value = _bar_ratio(_rate(result), _rate(one))
                 found.append(Goal(f"{key}: holds/s vs the service's own on one product", value,
                                   f">= {MANY_FLAT_BAR:g}x", _at_least(value, MANY_FLAT_BAR)))
         if scenario in ("sellout", "many"):
@@ -246,7 +253,8 @@ def render(summary: Mapping[str, Any]) -> str:
     if found:
         lines += ["", "the issue's bars:"]
         lines += _grid(["goal", "measured", "bar", "met"],
-                       [[g["name"], _fmt(g["measured"], 2), g["bar"],
+                       [[g["name"], _fmt(g["measured"], 3 if g["bar"].endswith("x") else 2),
+                         g["bar"],
                          "-" if g["met"] is None else _fmt(bool(g["met"]))] for g in found])
     return "\n".join(lines)
 
