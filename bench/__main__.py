@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.util
 import os
 import resource
 import shutil
@@ -163,9 +164,17 @@ def install_uvloop() -> None:
     uvloop.install()
 
 
+def can_plot() -> bool:
+    """Whether ``--plot`` can draw: matplotlib is an extra (``pip install -e '.[bench]'``)."""
+    return importlib.util.find_spec("matplotlib") is not None
+
+
 def main(argv: list[str] | None = None) -> int:
     """The ``python -m bench`` / ``flashsale bench`` entry point; returns the exit status."""
     args = parser().parse_args(argv)
+    if args.plot and not can_plot():  # said before a run of minutes, not after it
+        log("--plot needs matplotlib: .venv/bin/pip install -e '.[bench]'")
+        return 2
     if args.replot:
         import orjson
 

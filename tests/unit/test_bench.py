@@ -11,6 +11,7 @@ import orjson
 import pytest
 from aiohttp import web
 
+import bench.__main__ as bench_main
 from bench import report, wrk
 from bench.__main__ import int_list, options_from, parser, scenario_list
 from bench.client import Http, Target, new_session
@@ -146,6 +147,16 @@ def test_render_and_json_line() -> None:
     line = report.json_line(summary)
     assert "\n" not in line
     assert orjson.loads(line)["targets"][report.SERVICE][key]["holds_per_s"] == 2500.0
+
+
+def test_plot_without_matplotlib_is_refused_before_anything_runs(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setattr(bench_main, "can_plot", lambda: False)
+    monkeypatch.setattr(bench_main, "Bench", None)  # running anything would raise
+
+    assert bench_main.main(["--start", "--plot", "out.png"]) == 2
+
+    assert "pip install -e '.[bench]'" in capsys.readouterr().err
 
 
 def test_argument_parsing() -> None:
