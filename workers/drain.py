@@ -161,27 +161,26 @@ class Drainer:
     def round(self, fresh: list[int]) -> int:
         """TAKE a batch of every held product and of ``fresh`` ones (taking their free
         leases), apply them all in one transaction, answer them; returns their size."""
-        candidates = self.held + [pid for pid in fresh if pid not in self.held]
+        # Held products first, then fresh ones, each once: the ready list may name a
+        # product twice (a push's wake-up and the sweep's, say).
+        candidates = list(dict.fromkeys(self.held + fresh))
+        was_held = set(self.held)
         size = self.share(len(candidates))
-        batches: dict[int, list[bytes]] = {}
-        to_take = []
-        for pid in candidates:  # (in the held products' order, then the fresh ones')
-            if pid in self.taken:
-                batches[pid] = self.taken.pop(pid)
-            else:
-                batches[pid] = []
-                to_take.append(pid)
+        taken = {pid: self.taken.pop(pid) for pid in candidates if pid in self.taken}
+        to_take = [pid for pid in candidates if pid not in taken]
         if to_take:
-            taken = self._run_each(self._take, [
+            # Should anything fail from here on, release_all gives up every lease TAKE
+            # may have taken (RELEASE leaves another drainer's alone).
+            self.held = candidates
+            replies = self._run_each(self._take, [
                 (take_keys(pid), [self.token, size, self.config.lease_ms,
                                   keys.job_prefix(pid), 1]) for pid in to_take])
-            for pid, raw in zip(to_take, taken, strict=True):
-                if raw is None and pid in self.held:  # (another drainer has it)
+            for pid, raw in zip(to_take, replies, strict=True):
+                if raw is None and pid in was_held:  # (another drainer has it)
                     log.warning("product %d: lease lost", pid)
                 if raw:  # (empty: the queue ran dry; the script released lease and wake)
-                    batches[pid] = raw
-                else:
-                    del batches[pid]
+                    taken[pid] = raw
+        batches = {pid: taken[pid] for pid in candidates if pid in taken}
         self.held = list(batches)
         return self.step(batches) if batches else 0
 

@@ -308,6 +308,47 @@ def test_a_product_handed_back_with_its_next_batch_taken_is_applied_once_by_anot
     assert_drained(redis_conn, pid)
 
 
+def test_a_product_the_ready_list_names_twice_is_taken_once(
+        redis_conn: redis.Redis, new_product: Callable[..., int]) -> None:
+    """A push's wake-up and the sweep's can both put a product on the ready list."""
+    busy, idle = new_product(stock=5), new_product(stock=5)
+    envelopes = push_holds(redis_conn, busy, [1, 2], admit=False)
+    drainer = Drainer(redis_conn, SETTINGS)
+
+    assert drainer.round([busy, idle, busy, idle]) == 2
+
+    assert drainer.held == [] and drainer.taken == {}
+    assert [job_result(redis_conn, e.id)["status"] for e in envelopes] == [201, 201]
+    assert_applied_once(envelopes, busy)
+    assert_drained(redis_conn, busy)
+    assert_drained(redis_conn, idle)
+
+
+def test_a_round_that_fails_after_its_take_gives_up_the_leases_it_took(
+        redis_conn: redis.Redis, new_product: Callable[..., int]) -> None:
+    """What drain() does on an exception (release_all) covers the fresh products too,
+    so their batches wait for the next drainer, not for their leases to run out."""
+    pid = new_product(stock=5)
+    envelopes = push_holds(redis_conn, pid, [1], admit=False)
+    drainer = Drainer(redis_conn, SETTINGS)
+    original = drainer._run_each
+
+    def take_then_fail(script: Any, calls: list[Any]) -> list[Any]:
+        original(script, calls)
+        raise redis.ConnectionError("connection lost after the TAKE ran")
+
+    drainer._run_each = take_then_fail  # type: ignore[method-assign]
+    with pytest.raises(redis.ConnectionError):
+        drainer.round([pid])
+    drainer.release_all()
+
+    assert redis_conn.exists(keys.lease(pid)) == 0
+    assert redis_conn.llen(keys.inflight(pid)) == 1
+    assert Drainer(redis_conn, SETTINGS).drain_product(pid) == 1
+    assert_applied_once(envelopes, pid)
+    assert_drained(redis_conn, pid)
+
+
 def test_a_product_that_fails_the_shared_transaction_fails_alone(
         redis_conn: redis.Redis, new_product: Callable[..., int]) -> None:
     good, bad = new_product(stock=5), new_product(stock=5)
