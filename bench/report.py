@@ -138,7 +138,7 @@ def goals(targets: Mapping[str, Mapping[str, Any]],
                               f">= {READ_BAR:g}x", _at_least(value, READ_BAR)))
             # When the client saturates first, gateway CPU per read still tells them apart.
             value = _bar_ratio(hello[key].get("server_cpu_ms_per_request"),
-                          result.get("server_cpu_ms_per_request"))
+                               result.get("server_cpu_ms_per_request"))
             found.append(Goal(f"{key}: gateway CPU per read, bare aiohttp / ours "
                               "(Redis CPU not counted)", value, f">= {READ_BAR:g}x",
                               _at_least(value, READ_BAR)))
