@@ -308,6 +308,37 @@ def test_a_product_handed_back_with_its_next_batch_taken_is_applied_once_by_anot
     assert_drained(redis_conn, pid)
 
 
+def test_an_unreadable_envelope_in_a_batch_finish_took_is_answered_alone(
+        redis_conn: redis.Redis, new_product: Callable[..., int]) -> None:
+    """Bytes that are not an envelope (broken JSON, not UTF-8) queued while a batch is
+    applied: the batch FINISH takes with them answers them 500 and applies the rest."""
+    pid = new_product(stock=5)
+    first = push_holds(redis_conn, pid, [1], admit=False)
+    broken = keys.new_id("job", pid)
+    drainer = Drainer(redis_conn, SETTINGS)
+    original = drainer.step
+    after: list[Envelope] = []
+
+    def step_with_pushes_meanwhile(batches: dict[int, list[bytes]]) -> int:
+        redis_conn.rpush(keys.queue(pid),
+                         broken.encode() + b' {"op": "hold", "args": \xff\xfe' + "ü".encode())
+        after.extend(push_holds(redis_conn, pid, [2], admit=False))
+        return original(batches)
+
+    drainer.step = step_with_pushes_meanwhile  # type: ignore[method-assign]
+    assert drainer.round([pid]) == 1
+    drainer.step = original  # type: ignore[method-assign]
+    assert len(drainer.taken[pid]) == 2
+
+    assert drainer.round([]) == 1  # the readable one
+
+    assert job_result(redis_conn, broken)["status"] == 500
+    assert job_result(redis_conn, broken)["body"]["type"].endswith("/set-aside")
+    assert [job_result(redis_conn, e.id)["status"] for e in first + after] == [201, 201]
+    assert_applied_once(first + after, pid)
+    assert_drained(redis_conn, pid)
+
+
 def test_a_product_the_ready_list_names_twice_is_taken_once(
         redis_conn: redis.Redis, new_product: Callable[..., int]) -> None:
     """A push's wake-up and the sweep's can both put a product on the ready list."""
