@@ -124,3 +124,107 @@ async def test_worker_killed_mid_load_loses_nothing_and_oversells_nothing(
     assert len(fault_service.running("worker")) == len(workers)
     after = await api.settle(await api.hold(pid, 1, prefer="wait=30"))
     assert after.status == (201 if sold < STOCK else 409), after
+
+
+MANY_PRODUCTS = 20
+MANY_STOCK = 150  # per product: 3,000 units, more than are sold before the kill
+MANY_CLIENTS = 100
+MANY_MAX_REQUESTS = 200  # per client; a client stops once every product refused it
+ROOM = "4"  # DRAIN_PRODUCTS: a drainer holds 4 of the 20, and hands them back each round
+
+
+@pytest.fixture(scope="module")
+def rotating_service(service_factory: ServiceFactory) -> Iterator[ServiceInstance]:
+    """An instance of its own whose drainers hold few products, so that they hand them
+    back (with the batches FINISH took still in flight) all the time."""
+    instance = service_factory.get("fault-rotating", DRAIN_PRODUCTS=ROOM)
+    yield instance
+    service_factory.discard(instance)
+
+
+async def test_worker_killed_mid_load_on_many_hot_products_loses_nothing(
+    http: aiohttp.ClientSession, rotating_service: ServiceInstance
+) -> None:
+    """Twenty products hot at once: each drainer holds a few, FINISH takes their next
+    batches, and rounds hand products back and forth. A worker killed in the middle
+    leaves batches in flight under its leases; every product still sells exactly its
+    stock, and every acknowledged hold exists."""
+    api, fault_service = Api(http, rotating_service), rotating_service
+    pids = [(await api.create_product(stock=MANY_STOCK))["id"] for _ in range(MANY_PRODUCTS)]
+    workers = fault_service.running("worker")
+    replies: list[tuple[bool, Reply]] = []  # (sent after the kill, reply)
+    time_to_kill, killed = asyncio.Event(), asyncio.Event()
+
+    async def client(number: int) -> None:
+        refused: set[int] = set()
+        turn = sent = 0
+        while len(refused) < MANY_PRODUCTS:
+            pid = pids[(number + turn) % MANY_PRODUCTS]  # every client takes them in turn
+            turn += 1
+            if pid in refused:
+                continue
+            assert sent < MANY_MAX_REQUESTS, f"client {number}: {sent} holds, still not refused"
+            sent += 1
+            after_kill = killed.is_set()
+            reply = await api.hold(pid, 1, prefer=WAIT)
+            replies.append((after_kill, reply))
+            if len(replies) >= KILL_AFTER:
+                time_to_kill.set()
+            if reply.status == 409:
+                refused.add(pid)
+
+    async def operator() -> None:
+        await asyncio.wait_for(time_to_kill.wait(), timeout=RECOVERY_TIMEOUT)
+        cpu_before = {w.name: w.cpu_seconds() for w in workers}
+        await asyncio.sleep(CPU_SAMPLE)
+        victim = max(workers, key=lambda w: w.cpu_seconds() - cpu_before[w.name])
+        victim.signal(signal.SIGKILL)
+        killed.set()
+        assert victim.wait(5), f"{victim.name} survived SIGKILL"
+        fault_service.spawn("worker")
+
+    outcomes = await asyncio.gather(
+        operator(), *(client(n) for n in range(MANY_CLIENTS)), return_exceptions=True
+    )
+    failures = [o for o in outcomes if isinstance(o, BaseException)]
+    assert not failures, f"{len(failures)} failed, first: {failures[0]!r}"
+
+    gate = asyncio.Semaphore(100)
+
+    async def final(reply: Reply) -> Reply:
+        async with gate:
+            return await api.settle(reply, timeout=RECOVERY_TIMEOUT)
+
+    finals = await asyncio.gather(*(final(reply) for _, reply in replies))
+    server_errors = [r for _, r in replies if r.status >= 500] + [
+        r for r in finals if r.status >= 500]
+    assert not server_errors, server_errors[:5]
+
+    granted: dict[str, int] = {}  # hold id -> product
+    for reply in finals:
+        if reply.status == 409:
+            assert_problem(reply, 409, "Insufficient stock")
+            continue
+        assert reply.status == 201 and reply.body["qty"] == 1, reply
+        assert reply.body["hold_id"] not in granted, f"hold id twice: {reply.body}"
+        granted[reply.body["hold_id"]] = reply.body["product_id"]
+    assert any(after and final_reply.status == 201
+               for (after, _), final_reply in zip(replies, finals, strict=True)), (
+        "nothing was sold after the kill: the fault did not land mid-load")
+
+    sold = {pid: 0 for pid in pids}
+    for pid in granted.values():
+        sold[pid] += 1
+    # Every client went on until each product refused it: each sold exactly its stock.
+    assert sold == {pid: MANY_STOCK for pid in pids}, sold
+
+    async def lookup(hold_id: str) -> Reply:
+        async with gate:
+            return await api.get(f"/api/holds/{hold_id}")
+
+    stored = await asyncio.gather(*(lookup(h) for h in granted))
+    for (hold_id, pid), reply in zip(granted.items(), stored, strict=True):
+        assert reply.status == 200, f"hold {hold_id} lost: {reply}"
+        assert reply.body["product_id"] == pid and reply.body["status"] == "active", reply
+    for pid in pids:
+        await api.wait_product(pid, stock=MANY_STOCK, available=0)
