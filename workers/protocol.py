@@ -69,6 +69,15 @@ if redis.call('SET', KEYS[3], '1', 'NX', 'PX', ARGV[4]) then return {1} end
 return {0}
 """
 
+# A batch just taken in flight (``items``; ARGV[4] the job key prefix): each job it holds,
+# unless its key expired, is marked processing. Shared by TAKE and FINISH.
+_MARK_PROCESSING = """
+for _, item in ipairs(items) do
+  local id = string.sub(item, 1, string.find(item, ' ', 1, true) - 1)
+  redis.call('SET', ARGV[4] .. id, 'processing', 'XX', 'KEEPTTL')
+end
+"""
+
 # take: KEYS queue, inflight, lease, wake, product
 #       ARGV token, batch size, lease ms, job key prefix, '1' to take a free lease
 # -> nil: the lease is someone else's (or lost) | {}: nothing left (lease and wake
@@ -93,11 +102,7 @@ if #items == 0 then
   end
   redis.call('RPUSH', KEYS[2], unpack(items))
 end
-for _, item in ipairs(items) do
-  local id = string.sub(item, 1, string.find(item, ' ', 1, true) - 1)
-  redis.call('SET', ARGV[4] .. id, 'processing', 'XX', 'KEEPTTL')
-end
-return items
+""" + _MARK_PROCESSING + """return items
 """
 
 # finish: KEYS inflight, lease, product, queue, wake
@@ -153,11 +158,7 @@ local n = tonumber(ARGV[11])
 if n > 0 then
   local items = redis.call('LPOP', KEYS[4], n)
   redis.call('RPUSH', KEYS[1], unpack(items))
-  for _, item in ipairs(items) do
-    local id = string.sub(item, 1, string.find(item, ' ', 1, true) - 1)
-    redis.call('SET', ARGV[4] .. id, 'processing', 'XX', 'KEEPTTL')
-  end
-  return items
+""" + _MARK_PROCESSING + """  return items
 end
 return 1
 """

@@ -10,7 +10,14 @@ from dataclasses import dataclass
 import aiohttp
 import pytest
 
-from tests.e2e.harness import Api, Reply, ServiceFactory, ServiceInstance, assert_problem
+from tests.e2e.harness import (
+    Api,
+    Process,
+    Reply,
+    ServiceFactory,
+    ServiceInstance,
+    assert_problem,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -34,6 +41,20 @@ def fault_service(service_factory: ServiceFactory) -> Iterator[ServiceInstance]:
 @pytest.fixture
 def fault_api(http: aiohttp.ClientSession, fault_service: ServiceInstance) -> Api:
     return Api(http, fault_service)
+
+
+async def kill_the_busy_worker(service: ServiceInstance, workers: list[Process],
+                               time_to_kill: asyncio.Event, killed: asyncio.Event) -> None:
+    """The operator's mistake, once ``time_to_kill`` is set: SIGKILL the worker busy right
+    now (the likeliest drainer of the hot products), then start the replacement."""
+    await asyncio.wait_for(time_to_kill.wait(), timeout=RECOVERY_TIMEOUT)
+    cpu_before = {w.name: w.cpu_seconds() for w in workers}
+    await asyncio.sleep(CPU_SAMPLE)
+    victim = max(workers, key=lambda w: w.cpu_seconds() - cpu_before[w.name])
+    victim.signal(signal.SIGKILL)
+    killed.set()  # what is sent from now on meets a dead worker (or its lease)
+    assert victim.wait(5), f"{victim.name} survived SIGKILL"
+    service.spawn("worker")  # the replacement an operator would start
 
 
 @dataclass
@@ -65,19 +86,9 @@ async def test_worker_killed_mid_load_loses_nothing_and_oversells_nothing(
                 sold_out_after_kill += 1
                 return
 
-    async def operator() -> None:
-        await asyncio.wait_for(time_to_kill.wait(), timeout=RECOVERY_TIMEOUT)
-        # The worker busy right now is the likeliest drainer of the product: kill that one.
-        cpu_before = {w.name: w.cpu_seconds() for w in workers}
-        await asyncio.sleep(CPU_SAMPLE)
-        victim = max(workers, key=lambda w: w.cpu_seconds() - cpu_before[w.name])
-        victim.signal(signal.SIGKILL)
-        killed.set()  # what is sent from now on meets a dead worker (or its lease)
-        assert victim.wait(5), f"{victim.name} survived SIGKILL"
-        fault_service.spawn("worker")  # the replacement an operator would start
-
     outcomes = await asyncio.gather(
-        operator(), *(client(n) for n in range(CLIENTS)), return_exceptions=True
+        kill_the_busy_worker(fault_service, workers, time_to_kill, killed),
+        *(client(n) for n in range(CLIENTS)), return_exceptions=True
     )
     failures = [o for o in outcomes if isinstance(o, BaseException)]
     assert not failures, f"{len(failures)} failed, first: {failures[0]!r}"
@@ -149,9 +160,9 @@ async def test_worker_killed_mid_load_on_many_hot_products_loses_nothing(
     batches, and rounds hand products back and forth. A worker killed in the middle
     leaves batches in flight under its leases; every product still sells exactly its
     stock, and every acknowledged hold exists."""
-    api, fault_service = Api(http, rotating_service), rotating_service
+    api = Api(http, rotating_service)
     pids = [(await api.create_product(stock=MANY_STOCK))["id"] for _ in range(MANY_PRODUCTS)]
-    workers = fault_service.running("worker")
+    workers = rotating_service.running("worker")
     replies: list[tuple[bool, Reply]] = []  # (sent after the kill, reply)
     time_to_kill, killed = asyncio.Event(), asyncio.Event()
 
@@ -173,18 +184,9 @@ async def test_worker_killed_mid_load_on_many_hot_products_loses_nothing(
             if reply.status == 409:
                 refused.add(pid)
 
-    async def operator() -> None:
-        await asyncio.wait_for(time_to_kill.wait(), timeout=RECOVERY_TIMEOUT)
-        cpu_before = {w.name: w.cpu_seconds() for w in workers}
-        await asyncio.sleep(CPU_SAMPLE)
-        victim = max(workers, key=lambda w: w.cpu_seconds() - cpu_before[w.name])
-        victim.signal(signal.SIGKILL)
-        killed.set()
-        assert victim.wait(5), f"{victim.name} survived SIGKILL"
-        fault_service.spawn("worker")
-
     outcomes = await asyncio.gather(
-        operator(), *(client(n) for n in range(MANY_CLIENTS)), return_exceptions=True
+        kill_the_busy_worker(rotating_service, workers, time_to_kill, killed),
+        *(client(n) for n in range(MANY_CLIENTS)), return_exceptions=True
     )
     failures = [o for o in outcomes if isinstance(o, BaseException)]
     assert not failures, f"{len(failures)} failed, first: {failures[0]!r}"
