@@ -22,7 +22,7 @@ from models import (
     Webhook,
 )
 from workers import keys
-from workers.client import push, rewake_stalled
+from workers.client import push, sweep_stalled
 from workers.drain import Drainer, planes_for, settings
 from workers.planes import Planes
 from workers.protocol import Envelope
@@ -30,6 +30,10 @@ from workers.protocol import Envelope
 log = logging.getLogger("flashsale.schedules")
 
 CONTROL_TTL_MS = 10_000
+# Catalog products a sweep looks at besides those woken lately: a product that was never
+# counted as woken (see workers.client.sweep_stalled) is found within catalog size / this
+# many sweeps.
+CATALOG_SLICE = 64
 
 
 def _planes() -> Planes:
@@ -56,11 +60,23 @@ def sweep() -> dict[str, int]:
                  .where((Webhook.outcome == "pending") & (Webhook.received_at < stale))}
     pushed = sum(control(planes, pid, "expire") for pid in expiring)
     pushed += sum(control(planes, pid, "retry_webhooks") for pid in settling)
-    product_ids = [keys.CATALOG] + [p.id for p in Product.select(Product.id)]
-    woken = rewake_stalled(planes, product_ids)
+    woken = sweep_stalled(planes, catalog_slice(planes))
     if pushed or woken:
         log.info("sweep", extra={"pushed": pushed, "woken": woken})
     return {"pushed": pushed, "woken": woken}
+
+
+def catalog_slice(planes: Planes) -> list[int]:
+    """The next CATALOG_SLICE product ids after the last sweep's, in id order: a sweep
+    looks at the products woken lately and at these (so the whole catalog, slowly)."""
+    try:
+        after = int(planes.control.get(keys.SWEEP_CURSOR) or 0)
+    except ValueError:  # not a number: start over
+        after = 0
+    ids = [p.id for p in Product.select(Product.id).where(Product.id > after)
+           .order_by(Product.id).limit(CATALOG_SLICE)]
+    planes.control.set(keys.SWEEP_CURSOR, ids[-1] if len(ids) == CATALOG_SLICE else 0)
+    return ids
 
 
 def control(planes: Planes, product_id: int, op: str) -> bool:

@@ -80,6 +80,13 @@ DEAD_LETTERS = f"{PREFIX}:stats:dead_letters"  # requests set aside, over all wo
 # Product ids waiting for a drainer, oldest first. Drain jobs take from it until it is
 # empty, so one rq job serves many products (see workers.drain).
 READY = f"{PREFIX}:ready"
+# Products woken since the sweep last found them idle: member = product id, value = a
+# count READY adds one to at every wake-up. The sweep looks for stalled products here,
+# not in the whole catalog, and forgets a product only if no wake-up came since it read
+# the count (see workers.client.rewake_stalled).
+WOKEN = f"{PREFIX}:woken"
+# The last product id the sweep's slow pass through the catalog reached.
+SWEEP_CURSOR = f"{PREFIX}:sweep:cursor"
 # Drain jobs at work: member = rq job id, score = heartbeat (ms since the epoch).
 DRAINERS = f"{PREFIX}:drainers"
 # rq's own list of drain jobs not yet started (rq.Queue.key), and set of the workers

@@ -47,7 +47,7 @@ from workers.protocol import READY
 HEARTBEAT_MS = 30_000
 DRAIN_JOB_TIMEOUT = 3600
 # READY's keys: all on the control plane.
-READY_KEYS = [keys.READY, keys.DRAIN_JOBS, keys.DRAINERS, keys.DRAIN_WORKERS]
+READY_KEYS = [keys.READY, keys.DRAIN_JOBS, keys.DRAINERS, keys.DRAIN_WORKERS, keys.WOKEN]
 # A restarting Redis (or a failing-over cluster node) drops connections: retry about 5 s.
 RETRY_ERRORS = [redis.ConnectionError, redis.TimeoutError]
 

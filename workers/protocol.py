@@ -193,13 +193,17 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) 
 return 0
 """
 
-# ready: KEYS ready list, rq's pending drain jobs, active drainers, rq's drain workers
+# ready: KEYS ready list, rq's pending drain jobs, active drainers, rq's drain workers,
+#             woken products
 #        ARGV product id ('' to only check the list), heartbeat expiry ms
-# Marks the product as waiting for a drainer. -> 1 when the caller must enqueue a drain
+# Marks the product as waiting for a drainer, and counts the wake-up in the woken
+# products (where the sweep looks for stalled ones). -> 1 when the caller must enqueue a drain
 # job: none is waiting to start, and fewer drainers are at work than there are workers.
 # Otherwise a drainer at work or a waiting job will take the product.
 READY = """
-if ARGV[1] ~= '' then redis.call('RPUSH', KEYS[1], ARGV[1])
+if ARGV[1] ~= '' then
+  redis.call('RPUSH', KEYS[1], ARGV[1])
+  redis.call('HINCRBY', KEYS[5], ARGV[1], 1)
 elseif redis.call('LLEN', KEYS[1]) == 0 then return 0 end
 if redis.call('LLEN', KEYS[2]) > 0 then return 0 end
 local t = redis.call('TIME')
@@ -207,6 +211,18 @@ local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local active = redis.call('ZCOUNT', KEYS[3], now - tonumber(ARGV[2]), '+inf')
 local workers = redis.call('SCARD', KEYS[4])
 if active < math.max(workers, 1) then return 1 end
+return 0
+"""
+
+# forget: KEYS woken products; ARGV product id, count, product id, count, ...
+# The sweep found these products idle after reading their counts: each is forgotten
+# unless READY counted a wake-up since (its next push will count it again).
+FORGET = """
+for i = 1, #ARGV, 2 do
+  if redis.call('HGET', KEYS[1], ARGV[i]) == ARGV[i + 1] then
+    redis.call('HDEL', KEYS[1], ARGV[i])
+  end
+end
 return 0
 """
 
