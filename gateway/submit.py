@@ -39,6 +39,7 @@ from workers.protocol import (
     MUST_EXIST,
     ONCE,
     PUSH,
+    PUSH_READY,
     READY,
     Envelope,
     fill_keys,
@@ -74,8 +75,18 @@ class Scripts:
         self.pipe = pipe
         self.control = control or pipe
 
-    async def push(self, keys: list[str], args: list[Any]) -> Any:
-        return await self.pipe.evalsha(PUSH, keys, args)
+    async def push(self, keys: list[str], args: list[Any], product_id: int) -> Any:
+        """PUSH, and READY when it woke the product: on one Redis in the same script
+        (PUSH_READY), on two planes one after the other. A woken product answers {1}
+        when the caller must enqueue a drain job, else {6} (see PUSH_READY)."""
+        if self.control is self.pipe:
+            return await self.pipe.evalsha(PUSH_READY, [*keys, *READY_KEYS],
+                                           [*args, product_id, HEARTBEAT_MS])
+        code = await self.pipe.evalsha(PUSH, keys, args)
+        if code[0] == 1 and not await self.ready(keys=READY_KEYS,
+                                                 args=[product_id, HEARTBEAT_MS]):
+            return [6]
+        return code
 
     async def fill(self, keys: list[str], args: list[Any]) -> Any:
         return await self.pipe.evalsha(FILL, keys, args)
@@ -243,11 +254,11 @@ async def _push_expected(app: web.Application, write: Write, wait: float, envelo
                      flags, orjson.dumps(_unknown(write)) if keyed else b"",
                      _sold_out_template(write.admission_qty) if keyed else b"")
     push_keys_ = push_keys(write.product_id, write.job_id)
-    code = await app[SCRIPTS].push(keys=push_keys_, args=args)
+    code = await app[SCRIPTS].push(push_keys_, args, write.product_id)
     if code[0] == 3:  # product not cached yet: read it once, then try again
         await cache_product(app, write.product_id)
-        code = await app[SCRIPTS].push(keys=push_keys_, args=args)
-    if code[0] in (0, 1, 2):
+        code = await app[SCRIPTS].push(push_keys_, args, write.product_id)
+    if code[0] in (0, 1, 2, 6):
         hub.note_push(write.product_id, sold_out=code[0] == 2)
     if code[0] in (2, 3, 4):  # decided here; a keyed answer was stored by the script
         hub.discard(write.job_id, future)
@@ -256,8 +267,9 @@ async def _push_expected(app: web.Application, write: Write, wait: float, envelo
         app[METRICS].holds_refused_fast.inc()
         return Answer(write.job_id, {"status": 409, "body": insufficient_stock(
             int(code[1]), write.admission_qty)})
-    if code[0] == 1:
-        await _wake(app, write.product_id)
+    if code[0] == 1:  # woken, and no drainer to come: enqueue one (rq is synchronous)
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(app[EXECUTOR], enqueue_drain_job, app[SYNC_REDIS])
     if wait <= 0:  # respond-async (or wait=0): 202 at once, even if a drainer was quicker
         hub.discard(write.job_id, future)
         return Answer(write.job_id, None, "queued", _resource(write))
@@ -284,14 +296,6 @@ def _resource(write: Write) -> tuple[str, str] | None:
     if write.resource and write.resource in write.args:
         return write.resource, str(write.args[write.resource])
     return None
-
-
-async def _wake(app: web.Application, product_id: int) -> None:
-    """Put the product on the ready list; enqueue an rq drain job only if one is needed
-    (see workers.planes.wake)."""
-    if await app[SCRIPTS].ready(keys=READY_KEYS, args=[product_id, HEARTBEAT_MS]):
-        loop = asyncio.get_running_loop()  # rq is synchronous
-        await loop.run_in_executor(app[EXECUTOR], enqueue_drain_job, app[SYNC_REDIS])
 
 
 async def cache_product(app: web.Application, product_id: int) -> dict[str, Any] | None:

@@ -7,22 +7,33 @@ import time
 import redis
 
 from workers import keys
-from workers.planes import HEARTBEAT_MS, Planes, as_planes, wake
-from workers.protocol import FORGET, PUSH, Envelope, push_args, push_keys
+from workers.planes import HEARTBEAT_MS, READY_KEYS, Planes, as_planes, enqueue_drain_job, wake
+from workers.protocol import FORGET, PUSH, PUSH_READY, Envelope, push_args, push_keys
 
 WAKE_TTL_MS = 15_000
 
 
 def push(planes: Planes | redis.Redis, product_id: int, envelope: Envelope, job_ttl: int,
          qty: int = 0) -> list[int]:
-    """Queue ``envelope`` behind the product's other requests; wake a drainer if needed."""
+    """Queue ``envelope`` behind the product's other requests; wake a drainer if needed.
+
+    PUSH's reply, except that a push that woke the product answers {1} when it enqueued
+    a drain job and {6} when a drainer at work or waiting takes the product (on one
+    Redis, PUSH_READY: PUSH and READY as one script)."""
     planes = as_planes(planes)
-    code = planes.data.register_script(PUSH)(
-        keys=push_keys(product_id, envelope.id),
-        args=push_args(envelope, qty, job_ttl, WAKE_TTL_MS))
-    if code[0] == 1:
-        wake(planes, product_id)
-    return [int(c) for c in code]
+    args = push_args(envelope, qty, job_ttl, WAKE_TTL_MS)
+    if planes.data is planes.control:
+        code = [int(c) for c in planes.data.register_script(PUSH_READY)(
+            keys=[*push_keys(product_id, envelope.id), *READY_KEYS],
+            args=[*args, product_id, HEARTBEAT_MS])]
+        if code[0] == 1:
+            enqueue_drain_job(planes.control)
+        return code
+    code = [int(c) for c in planes.data.register_script(PUSH)(
+        keys=push_keys(product_id, envelope.id), args=args)]
+    if code[0] == 1 and not wake(planes, product_id):
+        return [6]
+    return code
 
 
 def rewake_stalled(planes: Planes | redis.Redis, product_ids: list[int]) -> int:

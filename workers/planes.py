@@ -125,18 +125,21 @@ def as_planes(conn: Planes | redis.Redis) -> Planes:
     return conn if isinstance(conn, Planes) else Planes(conn, conn)
 
 
-def wake(planes: Planes | redis.Redis, product_id: int | None) -> None:
+def wake(planes: Planes | redis.Redis, product_id: int | None) -> bool:
     """Put the product on the ready list and make sure a drainer will come for it.
 
     The caller holds the product's wake flag (set by the push script), so this runs once
     per drain cycle of the product, not once per request. A drain job is enqueued only
     when no job waits to start and fewer drainers work than there are workers: busy
-    drainers take ready products as they go. With None, only the last part.
+    drainers take ready products as they go. With None, only the last part. Returns
+    whether it enqueued a drain job.
     """
     control = as_planes(planes).control
     pid = "" if product_id is None else product_id
-    if control.register_script(READY)(keys=READY_KEYS, args=[pid, HEARTBEAT_MS]):
-        enqueue_drain_job(control)
+    if not control.register_script(READY)(keys=READY_KEYS, args=[pid, HEARTBEAT_MS]):
+        return False
+    enqueue_drain_job(control)
+    return True
 
 
 def enqueue_drain_job(control: redis.Redis) -> None:

@@ -27,7 +27,7 @@ def queue_one(conn: redis.Redis, pid: int = PID) -> None:
     """A request pushed as the gateway pushes it: the product is woken (put on the ready
     list, counted in fs:woken)."""
     envelope = Envelope(id=keys.new_id("job", pid), op="hold", args={"qty": 1})
-    assert push(conn, pid, envelope, 3_600)[0] == 1
+    assert push(conn, pid, envelope, 3_600)[0] in (1, 6)
 
 
 def meddling(conn: redis.Redis, before: Callable[[], Any] | None = None,

@@ -149,7 +149,7 @@ async def test_a_push_that_failed_holds_no_place_in_the_waiting_room() -> None:
     # Redis unreachable: the request is answered 503 by the error middleware. Were it to
     # stay registered, an outage would fill the waiting room for good.
     class Unreachable:
-        async def push(self, keys: list[str], args: list[Any]) -> list[int]:
+        async def push(self, keys: list[str], args: list[Any], product_id: int) -> list[int]:
             raise RedisConnectionError("Connection refused")
 
     app = app_with_waiters(waiting=0, bound=1)

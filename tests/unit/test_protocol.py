@@ -10,10 +10,13 @@ import orjson
 import pytest
 
 from workers import keys
+from workers.planes import HEARTBEAT_MS, READY_KEYS
 from workers.protocol import (
     FILL,
     FINISH,
     PUSH,
+    PUSH_READY,
+    READY,
     RELEASE,
     TAKE,
     Envelope,
@@ -58,6 +61,15 @@ def push(r: fakeredis.FakeRedis, env: Envelope, qty: int = 0, flags: str = "",
     code = r.register_script(PUSH)(keys=push_keys(PID, env.id),
                                    args=push_args(env, qty, JOB_TTL, WAKE_MS, flags, missing,
                                                   sold_out))
+    return [int(c) for c in code]
+
+
+def push_ready(r: fakeredis.FakeRedis, env: Envelope, qty: int = 0, flags: str = "",
+               missing: bytes = b"", sold_out: bytes = b"") -> list[int]:
+    code = r.register_script(PUSH_READY)(
+        keys=[*push_keys(PID, env.id), *READY_KEYS],
+        args=[*push_args(env, qty, JOB_TTL, WAKE_MS, flags, missing, sold_out), PID,
+              HEARTBEAT_MS])
     return [int(c) for c in code]
 
 
@@ -499,3 +511,61 @@ def test_a_rounds_replies_carry_each_result_as_serialized_once() -> None:
         "fs:b": [[envs[1][1].id, results[envs[1][1].id].as_dict()]]}
     assert {channel: payload for _, channel, payload in sent} == {
         channel: orjson.dumps(replies) for channel, replies in expected.items()}
+
+
+def test_push_ready_makes_the_product_it_wakes_ready_in_the_same_step(
+        r: fakeredis.FakeRedis) -> None:
+    cache_product(r, available=3)
+
+    assert push_ready(r, envelope(1), qty=1) == [1]  # no drainer at work: enqueue a job
+    assert push_ready(r, envelope(2), qty=1) == [0]  # awake already
+
+    assert r.lrange(keys.READY, 0, -1) == [str(PID).encode()]
+    assert r.hget(keys.WOKEN, PID) == b"1"
+    assert r.llen(keys.queue(PID)) == 2
+
+
+def test_push_ready_wants_no_job_when_one_waits_or_every_worker_drains(
+        r: fakeredis.FakeRedis) -> None:
+    cache_product(r, available=3)
+    r.rpush(keys.DRAIN_JOBS, "a-job-not-started")
+    assert push_ready(r, envelope(1), qty=1) == [6]
+
+    r.delete(keys.DRAIN_JOBS, keys.wake(PID))
+    r.sadd(keys.DRAIN_WORKERS, "worker-1")
+    r.zadd(keys.DRAINERS, {"drainer-1": 10**13})  # a heartbeat in the future: alive
+    assert push_ready(r, envelope(2), qty=1) == [6]
+
+    assert r.lrange(keys.READY, 0, -1) == [str(PID).encode()] * 2
+
+
+def test_push_ready_answers_as_push_then_ready(r: fakeredis.FakeRedis) -> None:
+    """The same pushes through PUSH (then READY when woken) and through PUSH_READY leave
+    the same answers and the same keys."""
+    split = fakeredis.FakeRedis()
+    template = b'{"status":409,"available":__AVAILABLE__}'
+    steps: list[tuple[Envelope, int, str]] = [
+        (envelope(1), 1, ""),  # not cached
+        (envelope(1), 1, "o"),  # woken
+        (envelope(1), 1, "o"),  # queued already
+        (envelope(2), 2, "k"),  # sold out, keyed: the answer is stored
+        (envelope(3), 1, ""),  # queued
+        (envelope(4), 0, ""),  # no admission
+    ]
+    answers: list[tuple[list[int], list[int]]] = []
+    for n, (env, qty, flags) in enumerate(steps):
+        if n == 1:
+            for conn in (r, split):
+                cache_product(conn, available=2)
+        code = push(split, env, qty=qty, flags=flags, sold_out=template)
+        if code == [1]:
+            ready = split.register_script(READY)(keys=READY_KEYS, args=[PID, HEARTBEAT_MS])
+            code = [1] if ready else [6]
+        answers.append((code, push_ready(r, env, qty=qty, flags=flags, sold_out=template)))
+
+    assert [one for one, _ in answers] == [[3], [1], [5], [2, 1], [0], [0]]
+    assert [one for one, _ in answers] == [joined for _, joined in answers]
+    assert sorted(r.keys()) == sorted(split.keys())
+    for key in r.keys():
+        assert r.dump(key) == split.dump(key), key
+    split.close()
