@@ -565,7 +565,8 @@ def test_push_ready_answers_as_push_then_ready(r: fakeredis.FakeRedis) -> None:
 
     assert [one for one, _ in answers] == [[3], [1], [5], [2, 1], [0], [0]]
     assert [one for one, _ in answers] == [joined for _, joined in answers]
-    assert sorted(r.keys()) == sorted(split.keys())
-    for key in r.keys():
+    stored = sorted(r.keys())
+    assert stored == sorted(split.keys())
+    for key in stored:
         assert r.dump(key) == split.dump(key), key
     split.close()
