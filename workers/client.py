@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import redis
 
@@ -53,7 +54,13 @@ def sweep_stalled(planes: Planes | redis.Redis, catalog_slice: list[int]) -> int
     data). Forgets the counted products it finds idle, unless woken again meanwhile, so
     that a sweep costs what the products at work cost, not what the catalog does."""
     planes = as_planes(planes)
-    counts = {int(pid): count for pid, count in planes.control.hgetall(keys.WOKEN).items()}
+    counts: dict[int, Any] = {}
+    for member, count in planes.control.hgetall(keys.WOKEN).items():
+        pid = parse_id(member)
+        if pid is None:  # not written by READY: dropped, so that it fails no sweep
+            planes.control.hdel(keys.WOKEN, member)
+        else:
+            counts[pid] = count
     woken, idle = _rewake(planes, list(dict.fromkeys([keys.CATALOG, *counts, *catalog_slice])))
     forget = [v for pid in idle if pid in counts for v in (pid, counts[pid])]
     if forget:
@@ -102,6 +109,11 @@ def _rewake(planes: Planes, product_ids: list[int]) -> tuple[int, list[int]]:
     if waiting:
         wake(planes, None)  # a drainer for what already waits, if none is at work
     return len(stalled), idle
+
+
+def parse_id(raw: bytes | str) -> int | None:
+    """A product id as READY writes it (ASCII digits), else None."""
+    return int(raw) if raw.isascii() and raw.isdigit() and len(raw) <= 20 else None
 
 
 def _ready(control: redis.Redis) -> set[int]:

@@ -186,3 +186,13 @@ def test_the_catalog_slices_go_round_the_catalog(
 
     redis_conn.set(keys.SWEEP_CURSOR, "not a number")
     assert jobs.catalog_slice(planes) == start
+
+
+def test_a_stray_member_of_the_woken_products_fails_no_sweep(redis_conn: redis.Redis) -> None:
+    queue_one(redis_conn)
+    redis_conn.lpop(keys.READY)
+    redis_conn.hset(keys.WOKEN, mapping={"not-a-product": 1, "\u00e9\u00e9": 2, "9" * 50: 3})
+
+    assert sweep_stalled(redis_conn, []) == 1
+
+    assert redis_conn.hkeys(keys.WOKEN) == [str(PID).encode()]
