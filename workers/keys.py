@@ -83,7 +83,7 @@ READY = f"{PREFIX}:ready"
 # Products woken since the sweep last found them idle: member = product id, value = a
 # count READY adds one to at every wake-up. The sweep looks for stalled products here,
 # not in the whole catalog, and forgets a product only if no wake-up came since it read
-# the count (see workers.client.rewake_stalled).
+# the count (see workers.client.sweep_stalled).
 WOKEN = f"{PREFIX}:woken"
 # The last product id the sweep's slow pass through the catalog reached.
 SWEEP_CURSOR = f"{PREFIX}:sweep:cursor"
