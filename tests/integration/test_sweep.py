@@ -184,8 +184,12 @@ def test_the_catalog_slices_go_round_the_catalog(
     start = jobs.catalog_slice(planes)
     assert len(start) == 2 and start[0] < start[1] <= second
 
-    redis_conn.set(keys.SWEEP_CURSOR, "not a number")
-    assert jobs.catalog_slice(planes) == start
+    for cursor in ("not a number", "9" * 5_000, "\u0663"):  # (int() refuses all three)
+        redis_conn.set(keys.SWEEP_CURSOR, cursor)
+        assert jobs.catalog_slice(planes) == start
+    redis_conn.set(keys.SWEEP_CURSOR, "9" * 50)  # past every product: the end
+    assert jobs.catalog_slice(planes) == []
+    assert redis_conn.get(keys.SWEEP_CURSOR) == b"0"
 
 
 def test_a_stray_member_of_the_woken_products_fails_no_sweep(redis_conn: redis.Redis) -> None:
