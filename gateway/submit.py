@@ -31,7 +31,7 @@ from gateway.typedefs import (
 )
 from workers import keys, reads
 from workers.client import WAKE_TTL_MS
-from workers.planes import HEARTBEAT_MS, READY_KEYS, enqueue_drain_job
+from workers.planes import HEARTBEAT_MS, READY_KEYS, enqueue_drain_job, push_ready_call
 from workers.protocol import (
     FILL,
     KEYED,
@@ -80,8 +80,7 @@ class Scripts:
         (PUSH_READY), on two planes one after the other. A woken product answers {1}
         when the caller must enqueue a drain job, else {6} (see PUSH_READY)."""
         if self.control is self.pipe:
-            return await self.pipe.evalsha(PUSH_READY, [*keys, *READY_KEYS],
-                                           [*args, product_id, HEARTBEAT_MS])
+            return await self.pipe.evalsha(PUSH_READY, *push_ready_call(keys, args, product_id))
         code = await self.pipe.evalsha(PUSH, keys, args)
         if code[0] == 1 and not await self.ready(keys=READY_KEYS,
                                                  args=[product_id, HEARTBEAT_MS]):

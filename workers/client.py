@@ -8,7 +8,14 @@ from typing import Any
 import redis
 
 from workers import keys
-from workers.planes import HEARTBEAT_MS, READY_KEYS, Planes, as_planes, enqueue_drain_job, wake
+from workers.planes import (
+    HEARTBEAT_MS,
+    Planes,
+    as_planes,
+    enqueue_drain_job,
+    push_ready_call,
+    wake,
+)
 from workers.protocol import FORGET, PUSH, PUSH_READY, Envelope, push_args, push_keys
 
 WAKE_TTL_MS = 15_000
@@ -24,9 +31,10 @@ def push(planes: Planes | redis.Redis, product_id: int, envelope: Envelope, job_
     planes = as_planes(planes)
     args = push_args(envelope, qty, job_ttl, WAKE_TTL_MS)
     if planes.data is planes.control:
+        call_keys, call_args = push_ready_call(push_keys(product_id, envelope.id), args,
+                                               product_id)
         code = [int(c) for c in planes.data.register_script(PUSH_READY)(
-            keys=[*push_keys(product_id, envelope.id), *READY_KEYS],
-            args=[*args, product_id, HEARTBEAT_MS])]
+            keys=call_keys, args=call_args)]
         if code[0] == 1:
             enqueue_drain_job(planes.control)
         return code

@@ -120,6 +120,12 @@ class AsyncPlanes:
             await self.data.aclose()
 
 
+def push_ready_call(push_keys: list[str], push_args: list[Any], product_id: int
+                    ) -> tuple[list[str], list[Any]]:
+    """KEYS and ARGV of PUSH_READY: PUSH's, then READY's (workers.protocol)."""
+    return [*push_keys, *READY_KEYS], [*push_args, product_id, HEARTBEAT_MS]
+
+
 def as_planes(conn: Planes | redis.Redis) -> Planes:
     """``conn`` as planes: a single Redis client is both (the one-Redis deployment)."""
     return conn if isinstance(conn, Planes) else Planes(conn, conn)

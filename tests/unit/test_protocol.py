@@ -10,7 +10,7 @@ import orjson
 import pytest
 
 from workers import keys
-from workers.planes import HEARTBEAT_MS, READY_KEYS
+from workers.planes import HEARTBEAT_MS, READY_KEYS, push_ready_call
 from workers.protocol import (
     FILL,
     FINISH,
@@ -66,10 +66,10 @@ def push(r: fakeredis.FakeRedis, env: Envelope, qty: int = 0, flags: str = "",
 
 def push_ready(r: fakeredis.FakeRedis, env: Envelope, qty: int = 0, flags: str = "",
                missing: bytes = b"", sold_out: bytes = b"") -> list[int]:
-    code = r.register_script(PUSH_READY)(
-        keys=[*push_keys(PID, env.id), *READY_KEYS],
-        args=[*push_args(env, qty, JOB_TTL, WAKE_MS, flags, missing, sold_out), PID,
-              HEARTBEAT_MS])
+    call_keys, call_args = push_ready_call(
+        push_keys(PID, env.id), push_args(env, qty, JOB_TTL, WAKE_MS, flags, missing, sold_out),
+        PID)
+    code = r.register_script(PUSH_READY)(keys=call_keys, args=call_args)
     return [int(c) for c in code]
 
 
