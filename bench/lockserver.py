@@ -39,6 +39,7 @@ import redis.asyncio as aioredis
 from aiohttp import web
 
 from bench.reference import connect_kwargs
+from flashsale import memory
 
 LOCK_TTL_MS = 5000
 LOCK_POLL_S = 0.001  # how often the head of a process's queue retries the Redis lock
@@ -266,7 +267,14 @@ def create_app(database_url: str, admin_token: str) -> web.Application:
     app.router.add_get("/api/products/{product_id}", get_product)
     app.router.add_post("/api/admin/products", create_product)
     app.router.add_get("/healthz", healthz)
+    app.on_startup.append(_settle)
     return app
+
+
+async def _settle(app: web.Application) -> None:
+    """The service's processes' garbage-collector settings (flashsale.memory), here too:
+    the peer is measured on the same runtime as the service (uvloop likewise)."""
+    memory.settle()
 
 
 def main(argv: list[str] | None = None) -> None:
