@@ -52,7 +52,7 @@ def test_settle_freezes_start_up_and_raises_the_thresholds(settled: None) -> Non
 
 def test_requests_alive_together_start_no_collection(settled: None,
                                                       collections: list[int]) -> None:
-    # What 200 waiting requests hold (dicts, lists, coroutine-like objects), freed by
+    # Like what 200 waiting requests hold (dicts, lists, objects), freed by
     # reference counting once answered: at the default threshold (700) this alone
     # started several collections.
     for _ in range(20):
