@@ -125,4 +125,4 @@ def parse_id(raw: bytes | str) -> int | None:
 
 
 def _ready(control: redis.Redis) -> set[int]:
-    return {int(pid) for pid in control.lrange(keys.READY, 0, -1)}
+    return {pid for pid in map(parse_id, control.lrange(keys.READY, 0, -1)) if pid is not None}

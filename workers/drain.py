@@ -20,6 +20,7 @@ from flashsale.config import Settings
 from flashsale.problems import problem
 from workers import keys, stats
 from workers.apply import Outcome, apply_batches
+from workers.client import parse_id
 from workers.decide import Policy, Request, Result
 from workers.planes import Planes, as_planes, enqueue_drain_job, evalsha
 from workers.protocol import (
@@ -99,13 +100,13 @@ def drain(product_id: int | None = None) -> int:
                 pipe = conn.pipeline(transaction=False)
                 pipe.zadd(keys.DRAINERS, {me: int(time.time() * 1000)})  # heartbeat
                 pipe.lpop(keys.READY, room - len(drainer.held))
-                fresh = [int(p) for p in cast(list[bytes] | None, pipe.execute()[1]) or []]
+                fresh = _product_ids(cast(list[bytes] | None, pipe.execute()[1]) or [])
                 if not fresh and not drainer.held:
                     # Linger a moment: the clients just answered are about to send their
                     # next requests, and a drainer at work takes them without a new job.
                     popped = conn.blpop([keys.READY], timeout=LINGER_SECONDS)
                     if popped is not None:
-                        fresh = [int(cast(tuple[bytes, bytes], popped)[1])]
+                        fresh = _product_ids([cast(tuple[bytes, bytes], popped)[1]])
                     elif retire(keys=[keys.READY, keys.DRAINERS], args=[me]):
                         return applied
                     else:
@@ -120,6 +121,17 @@ def drain(product_id: int | None = None) -> int:
     finally:
         conn.zrem(keys.DRAINERS, me)
     return applied
+
+
+def _product_ids(members: list[bytes]) -> list[int]:
+    """The product ids popped from the ready list. Only READY and the drainers write it;
+    a member that is no product id (written by hand) is dropped and logged, not raised on,
+    or it would end the job and lose the ids popped with it."""
+    ids = [parse_id(m) for m in members]
+    if None in ids:
+        log.error("ready list member is no product id; dropped",
+                  extra={"members": [m[:40] for m in members]})
+    return [i for i in ids if i is not None]
 
 
 class Drainer:

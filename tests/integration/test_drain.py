@@ -12,6 +12,7 @@ import redis
 
 from flashsale.config import Settings
 from models import Hold, Order, Product, RequestRecord
+from workers import drain as drain_module
 from workers import keys, reads
 from workers.apply import apply_batch
 from workers.client import push
@@ -397,3 +398,30 @@ def test_a_product_that_fails_the_shared_transaction_fails_alone(
     assert job_result(redis_conn, poison.id)["status"] in (409, 422)
     assert job_result(redis_conn, fine[0].id)["status"] == 201
     assert_applied_once(good_envs, good)
+
+
+def test_a_ready_list_member_that_is_no_product_id_is_dropped_and_the_rest_drained(
+        redis_conn: redis.Redis, new_product: Callable[..., int],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only READY and the drainers write the ready list; a member written by hand must not
+    end the drain job and lose the product ids popped with it."""
+    first, second = new_product(stock=5), new_product(stock=5)
+    envelopes = push_holds(redis_conn, first, [1], admit=False)
+    envelopes += push_holds(redis_conn, second, [2], admit=False)
+    redis_conn.delete(keys.READY)
+    redis_conn.rpush(keys.READY, b"\xff\xfe", first, "1.5", second, "9" * 30)
+
+    class Job:
+        id = "drain-job-test"
+        connection = redis_conn
+
+    monkeypatch.setattr(drain_module, "get_current_job", Job)
+    monkeypatch.setattr(drain_module, "settings", lambda: SETTINGS)
+    monkeypatch.setattr(drain_module, "DRAIN_JOB_SECONDS", 1.0)
+
+    assert drain_module.drain() == 2
+
+    assert [job_result(redis_conn, e.id)["status"] for e in envelopes] == [201, 201]
+    assert_drained(redis_conn, first)
+    assert_drained(redis_conn, second)
+    assert redis_conn.llen(keys.READY) == 0
