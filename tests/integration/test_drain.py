@@ -409,7 +409,7 @@ def test_a_ready_list_member_that_is_no_product_id_is_dropped_and_the_rest_drain
     envelopes = push_holds(redis_conn, first, [1], admit=False)
     envelopes += push_holds(redis_conn, second, [2], admit=False)
     redis_conn.delete(keys.READY)
-    redis_conn.rpush(keys.READY, b"\xff\xfe", first, "1.5", second, "9" * 30)
+    redis_conn.rpush(keys.READY, b"\xff\xfe", first, "1.5", second, "9" * 5000, "\u0661")
 
     class Job:
         id = "drain-job-test"
