@@ -119,24 +119,10 @@ end
 #    lease was lost (the next drainer replays the committed batch)
 FINISH = """
 if redis.call('GET', KEYS[2]) ~= ARGV[1] then return 0 end
-redis.call('PEXPIRE', KEYS[2], ARGV[2])
 redis.call('DEL', KEYS[1])
-local i = 12
 local nfields, nresults = tonumber(ARGV[6]), tonumber(ARGV[7])
 local nreplies, ndel = tonumber(ARGV[8]), tonumber(ARGV[9])
-if nfields > 0 then
-  local fields = {}
-  for j = 0, 2 * nfields - 1 do fields[#fields + 1] = ARGV[i + j] end
-  redis.call('HSET', KEYS[3], unpack(fields))
-  local release, adders = tonumber(ARGV[5]), tonumber(ARGV[10])
-  if release > 0 and redis.call('HINCRBY', KEYS[3], 'queued', 0 - release) < 0 then
-    redis.call('HSET', KEYS[3], 'queued', 0)
-  end
-  if adders > 0 and redis.call('HINCRBY', KEYS[3], 'adders', 0 - adders) < 0 then
-    redis.call('HSET', KEYS[3], 'adders', 0)
-  end
-  i = i + 2 * nfields
-end
+local i = 12 + 2 * nfields
 for j = 1, nresults do
   redis.call('SET', ARGV[4] .. ARGV[i], ARGV[i + 1], 'EX', ARGV[3])
   i = i + 2
@@ -149,12 +135,31 @@ for j = 1, ndel do
   redis.call('DEL', ARGV[i])
   i = i + 1
 end
+local fields = {}
+for j = 12, 11 + 2 * nfields do fields[#fields + 1] = ARGV[j] end
 if redis.call('LLEN', KEYS[4]) == 0 then
+  -- Released as TAKE releases: the product's fields and its counters at zero in one
+  -- HSET, and no lease to renew.
   redis.call('DEL', KEYS[5], KEYS[2])
-  if redis.call('EXISTS', KEYS[3]) == 1 then
-    redis.call('HSET', KEYS[3], 'queued', 0, 'adders', 0)
+  if nfields > 0 or redis.call('EXISTS', KEYS[3]) == 1 then
+    fields[#fields + 1] = 'queued'
+    fields[#fields + 1] = 0
+    fields[#fields + 1] = 'adders'
+    fields[#fields + 1] = 0
+    redis.call('HSET', KEYS[3], unpack(fields))
   end
   return 2
+end
+redis.call('PEXPIRE', KEYS[2], ARGV[2])
+if nfields > 0 then
+  redis.call('HSET', KEYS[3], unpack(fields))
+  local release, adders = tonumber(ARGV[5]), tonumber(ARGV[10])
+  if release > 0 and redis.call('HINCRBY', KEYS[3], 'queued', 0 - release) < 0 then
+    redis.call('HSET', KEYS[3], 'queued', 0)
+  end
+  if adders > 0 and redis.call('HINCRBY', KEYS[3], 'adders', 0 - adders) < 0 then
+    redis.call('HSET', KEYS[3], 'adders', 0)
+  end
 end
 local n = tonumber(ARGV[11])
 if n > 0 then
