@@ -32,6 +32,8 @@ from workers.protocol import (
     adds_units,
     finish_args,
     finish_keys,
+    for_many,
+    many_call,
     product_fields,
     take_keys,
 )
@@ -156,6 +158,12 @@ class Drainer:
         self._take = self.data.register_script(TAKE)
         self._finish = self.data.register_script(FINISH)
         self._release = self.data.register_script(RELEASE)
+        # On one Redis a round's TAKEs (or FINISHes, or RELEASEs) go in one script call
+        # for all its products: redis-py's and Redis's work per call is paid once a round.
+        self._many = {} if planes.clustered else {
+            script.sha: self.data.register_script(for_many(source))
+            for script, source in ((self._take, TAKE), (self._finish, FINISH),
+                                   (self._release, RELEASE))}
 
     @staticmethod
     def policy_of(config: Settings) -> Policy:
@@ -246,8 +254,7 @@ class Drainer:
         # replies, sent after them) go to the data plane, the counters to the control one.
         pipe = self.data.pipeline(transaction=False)
         control = pipe if self.data is self.conn else self.conn.pipeline(transaction=False)
-        for call_keys, call_argv in calls:
-            evalsha(pipe, self._finish.sha, call_keys, call_argv)
+        finishes = self._queue_calls(pipe, self._finish, calls)
         if control is pipe:  # one Redis: the replies follow the results they announce
             self._publish(pipe, "PUBLISH", answers, envelopes)
         tally = stats.tally((env.op, result.status, result.body)
@@ -267,11 +274,8 @@ class Drainer:
         control.llen(keys.READY)
         replies = pipe.execute(raise_on_error=False)
         gone = set()  # products whose queue was empty (FINISH released them), or lost
-        for pid, (call_keys, call_argv), reply in zip(outcomes, calls, replies, strict=False):
-            if isinstance(reply, NoScriptError):  # Redis restarted: load it and run it
-                reply = self._finish(keys=call_keys, args=call_argv)
-            elif isinstance(reply, Exception):
-                raise reply
+        finished = self._replies(self._finish, calls, replies[:finishes])
+        for pid, reply in zip(outcomes, finished, strict=True):
             if isinstance(reply, list):
                 self.taken[pid] = reply
             elif reply == 0:  # the next drainer replays the batch: its results are stored
@@ -310,12 +314,37 @@ class Drainer:
         return len(replies)
 
     def _run_each(self, script: Any, calls: list[tuple[Sequence[str], list[Any]]]) -> list[Any]:
-        """One script call per (keys, args), in one pipeline; loads the script if Redis
-        does not know it (a new or restarted Redis)."""
+        """``script`` for each (keys, args), in one round trip (see ``_queue_calls``);
+        their replies in order."""
         pipe = self.data.pipeline(transaction=False)
+        self._queue_calls(pipe, script, calls)
+        return self._replies(script, calls, pipe.execute(raise_on_error=False))
+
+    def _queue_calls(self, pipe: Any, script: Any,
+                     calls: list[tuple[Sequence[str], list[Any]]]) -> int:
+        """Queue ``script`` for each (keys, args) on ``pipe``: on one Redis as one call of
+        its ``for_many`` form, on a cluster one call each. Returns the calls queued."""
+        many = self._many.get(script.sha)
+        if many is not None and len(calls) > 1:
+            evalsha(pipe, many.sha, *many_call(calls))
+            return 1
         for call_keys, call_args in calls:
             evalsha(pipe, script.sha, call_keys, call_args)
-        replies = pipe.execute(raise_on_error=False)
+        return len(calls)
+
+    def _replies(self, script: Any, calls: list[tuple[Sequence[str], list[Any]]],
+                 replies: list[Any]) -> list[Any]:
+        """The replies of ``_queue_calls``' calls, one per (keys, args); a call Redis did
+        not know the script of (a new or restarted Redis) is loaded and run again."""
+        many = self._many.get(script.sha)
+        if many is not None and len(calls) > 1:
+            (reply,) = replies
+            if isinstance(reply, NoScriptError):
+                reply = many(*many_call(calls))
+            elif isinstance(reply, Exception):
+                raise reply
+            return list(reply)
+        replies = list(replies)
         for n, reply in enumerate(replies):
             if isinstance(reply, NoScriptError):
                 replies[n] = script(keys=calls[n][0], args=calls[n][1])

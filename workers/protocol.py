@@ -12,6 +12,7 @@ without decoding JSON. A request's life, all keys in its product's slot:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
@@ -355,3 +356,34 @@ def product_fields(view: dict[str, Any]) -> dict[str, Any]:
     return {"id": view["id"], "name": view["name"], "price_cents": view["price_cents"],
             "currency": view["currency"], "stock": view["stock"],
             "available": view["available"]}
+
+
+def for_many(script: str) -> str:
+    """``script`` run for several products in one call, on a single Redis (a cluster keeps
+    one call per product: their keys are in different slots).
+
+    KEYS: each product's keys in turn; ARGV: the number of products, then for each its
+    number of keys, its number of arguments and its arguments. Returns the replies of the
+    products in order, each as the one-product script would have returned it."""
+    body = script.replace("KEYS[", "K[").replace("ARGV[", "A[")
+    return ("local function one(K, A)\n" + body + "end\n"
+            "local out, k, a = {}, 0, 1\n"
+            "for p = 1, tonumber(ARGV[1]) do\n"
+            "  local nk, na = tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2])\n"
+            "  local K, A = {}, {}\n"
+            "  for j = 1, nk do K[j] = KEYS[k + j] end\n"
+            "  for j = 1, na do A[j] = ARGV[a + 2 + j] end\n"
+            "  out[p] = one(K, A)\n"
+            "  k, a = k + nk, a + 2 + na\n"
+            "end\n"
+            "return out\n")
+
+
+def many_call(calls: list[tuple[Sequence[str], list[Any]]]) -> tuple[list[str], list[Any]]:
+    """KEYS and ARGV of a ``for_many`` script for these (keys, args) calls."""
+    call_keys: list[str] = []
+    args: list[Any] = [len(calls)]
+    for one_keys, one_args in calls:
+        call_keys += one_keys
+        args += [len(one_keys), len(one_args), *one_args]
+    return call_keys, args

@@ -234,6 +234,36 @@ def test_one_round_applies_many_products_in_one_transaction(
         assert_drained(redis_conn, pid)
 
 
+def test_a_round_of_many_products_goes_on_after_redis_forgets_its_scripts(
+        redis_conn: redis.Redis, new_product: Callable[..., int]) -> None:
+    """On one Redis a round's TAKEs and FINISHes are one script call each (for_many);
+    a Redis that restarted knows neither script: each is loaded and run again."""
+    pids = [new_product(stock=3) for _ in range(4)]
+    pushed = {pid: push_holds(redis_conn, pid, [1, 1], admit=False) for pid in pids}
+    drainer = Drainer(redis_conn, SETTINGS)
+    sent: list[Any] = []
+    execute = redis.client.Pipeline.execute
+
+    def counted(pipe: Any, *args: Any, **kwargs: Any) -> Any:
+        sent.append([c[0][1] for c in pipe.command_stack if c[0][0] == "EVALSHA"])
+        return execute(pipe, *args, **kwargs)
+
+    redis_conn.script_flush()
+    try:
+        redis.client.Pipeline.execute = counted  # type: ignore[method-assign]
+        assert take_round(redis_conn, drainer, pids) == 8
+    finally:
+        redis.client.Pipeline.execute = execute  # type: ignore[method-assign]
+
+    # one TAKE call for the four products, then one FINISH call: both unknown, loaded
+    assert [shas for shas in sent if shas] == [[drainer._many[drainer._take.sha].sha],
+                                               [drainer._many[drainer._finish.sha].sha]]
+    for pid in pids:
+        assert [job_result(redis_conn, e.id)["status"] for e in pushed[pid]] == [201, 201]
+        assert_applied_once(pushed[pid], pid)
+        assert_drained(redis_conn, pid)
+
+
 def test_a_product_with_requests_queued_meanwhile_stays_held(
         redis_conn: redis.Redis, new_product: Callable[..., int]) -> None:
     busy, quiet = new_product(stock=5), new_product(stock=5)

@@ -23,6 +23,8 @@ from workers.protocol import (
     fill_keys,
     finish_args,
     finish_keys,
+    for_many,
+    many_call,
     push_args,
     push_keys,
     take_keys,
@@ -570,3 +572,62 @@ def test_push_ready_answers_as_push_then_ready(r: fakeredis.FakeRedis) -> None:
     for key in stored:
         assert r.dump(key) == split.dump(key), key
     split.close()
+
+
+# --- several products in one call (one Redis) ------------------------------------------
+
+def _products_in_every_state(r: fakeredis.FakeRedis) -> None:
+    """Product 1: ours, two queued; 2: ours, nothing queued; 3: another drainer's lease;
+    4: ours, nothing queued nor cached; 5: ours, one in flight and three queued."""
+    for pid in (1, 2, 3, 4, 5):
+        if pid != 4:
+            r.hset(keys.product(pid), mapping={"id": pid, "stock": 9, "available": 9,
+                                               "queued": 3, "adders": 1})
+        r.set(keys.lease(pid), TOKEN if pid != 3 else "other", px=LEASE_MS)
+        r.set(keys.wake(pid), 1, px=WAKE_MS)
+    for pid, n in ((1, 2), (5, 3)):
+        for k in range(n):
+            job = f"job_{pid}_{k:016x}"
+            r.set(keys.job(job), "queued", ex=JOB_TTL)
+            r.rpush(keys.queue(pid), f"{job} {{}}")
+    r.rpush(keys.inflight(5), "job_5_00000000000000ff {}")
+
+
+def _state(r: fakeredis.FakeRedis) -> dict[bytes, Any]:
+    state: dict[bytes, Any] = {}
+    for key in sorted(r.keys("*")):
+        kind = r.type(key)
+        value: Any = (r.hgetall(key) if kind == b"hash" else r.lrange(key, 0, -1)
+                      if kind == b"list" else r.get(key))
+        state[key] = (value, r.pttl(key) > 0)
+    return state
+
+
+@pytest.mark.parametrize("script", ["take", "finish", "release"])
+def test_many_products_in_one_call_do_what_one_call_each_does(script: str) -> None:
+    """On one Redis a drainer sends a round's TAKEs, FINISHes or RELEASEs as one call of
+    the script's ``for_many`` form: the same replies, in order, and the same keys after."""
+    if script == "take":
+        source = TAKE
+        calls = [(take_keys(pid), [TOKEN, 2, LEASE_MS, keys.job_prefix(pid), 1])
+                 for pid in (1, 2, 3, 4, 5)]
+    elif script == "finish":
+        source = FINISH
+        calls = [(finish_keys(pid), finish_args(
+            TOKEN, LEASE_MS, JOB_TTL, pid, 1, {"id": pid, "stock": 8, "available": 7},
+            {f"job_{pid}_{0xaa:016x}": b'{"status": 201}'}, {}, [], 1, 2 if pid == 1 else 0))
+            for pid in (1, 2, 3, 4, 5)]
+    else:
+        source = RELEASE
+        calls = [([keys.lease(pid)], [TOKEN]) for pid in (1, 2, 3, 4, 5)]
+    alone, together = fakeredis.FakeRedis(), fakeredis.FakeRedis()
+    _products_in_every_state(alone)
+    _products_in_every_state(together)
+
+    one_each = [alone.register_script(source)(keys=k, args=a) for k, a in calls]
+    in_one = together.register_script(for_many(source))(*many_call(calls))
+
+    assert in_one == one_each
+    assert _state(together) == _state(alone)
+    # (the states answer differently: the test covers each kind of reply)
+    assert len({str(reply) for reply in one_each}) == {"take": 4, "finish": 4, "release": 2}[script]
