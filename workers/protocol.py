@@ -366,6 +366,8 @@ def for_many(script: str) -> str:
     number of keys, its number of arguments and its arguments. Returns the replies of the
     products in order, each as the one-product script would have returned it."""
     body = script.replace("KEYS[", "K[").replace("ARGV[", "A[")
+    if "KEYS" in body or "ARGV" in body:  # (#KEYS, unpack(ARGV): not rewritten here)
+        raise ValueError("for_many rewrites only KEYS[n] and ARGV[n]")
     return ("local function one(K, A)\n" + body + "end\n"
             "local out, k, a = {}, 0, 1\n"
             "for p = 1, tonumber(ARGV[1]) do\n"

@@ -631,3 +631,8 @@ def test_many_products_in_one_call_do_what_one_call_each_does(script: str) -> No
     assert _state(together) == _state(alone)
     # (the states answer differently: the test covers each kind of reply)
     assert len({str(reply) for reply in one_each}) == {"take": 4, "finish": 4, "release": 2}[script]
+
+
+def test_for_many_refuses_a_script_it_cannot_rewrite() -> None:
+    with pytest.raises(ValueError):
+        for_many("return #KEYS")
