@@ -324,20 +324,25 @@ class Drainer:
                      calls: list[tuple[Sequence[str], list[Any]]]) -> int:
         """Queue ``script`` for each (keys, args) on ``pipe``: on one Redis as one call of
         its ``for_many`` form, on a cluster one call each. Returns the calls queued."""
-        many = self._many.get(script.sha)
-        if many is not None and len(calls) > 1:
+        many = self._merged(script, calls)
+        if many is not None:
             evalsha(pipe, many.sha, *many_call(calls))
             return 1
         for call_keys, call_args in calls:
             evalsha(pipe, script.sha, call_keys, call_args)
         return len(calls)
 
+    def _merged(self, script: Any, calls: list[tuple[Sequence[str], list[Any]]]) -> Any:
+        """The ``for_many`` form of ``script`` if these calls go as one (one Redis, more
+        than one call), else None."""
+        return self._many.get(script.sha) if len(calls) > 1 else None
+
     def _replies(self, script: Any, calls: list[tuple[Sequence[str], list[Any]]],
                  replies: list[Any]) -> list[Any]:
         """The replies of ``_queue_calls``' calls, one per (keys, args); a call Redis did
         not know the script of (a new or restarted Redis) is loaded and run again."""
-        many = self._many.get(script.sha)
-        if many is not None and len(calls) > 1:
+        many = self._merged(script, calls)
+        if many is not None:
             (reply,) = replies
             if isinstance(reply, NoScriptError):
                 reply = many(*many_call(calls))
