@@ -603,6 +603,10 @@ def _state(r: fakeredis.FakeRedis) -> dict[bytes, Any]:
     return state
 
 
+# A stored result as the drainer sends it: JSON text, with what JSON escapes and non-ASCII.
+RESULT = orjson.dumps({"status": 201, "body": {"name": 'Caf\u00e9 "\u2116 1" \\ \u00a0\n'}})
+
+
 @pytest.mark.parametrize("script", ["take", "finish", "release"])
 def test_many_products_in_one_call_do_what_one_call_each_does(script: str) -> None:
     """On one Redis a drainer sends a round's TAKEs, FINISHes or RELEASEs as one call of
@@ -615,7 +619,7 @@ def test_many_products_in_one_call_do_what_one_call_each_does(script: str) -> No
         source = FINISH
         calls = [(finish_keys(pid), finish_args(
             TOKEN, LEASE_MS, JOB_TTL, pid, 1, {"id": pid, "stock": 8, "available": 7},
-            {f"job_{pid}_{0xaa:016x}": b'{"status": 201}'}, {}, [], 1, 2 if pid == 1 else 0))
+            {f"job_{pid}_{0xaa:016x}": RESULT}, {}, [], 1, 2 if pid == 1 else 0))
             for pid in (1, 2, 3, 4, 5)]
     else:
         source = RELEASE
@@ -636,3 +640,27 @@ def test_many_products_in_one_call_do_what_one_call_each_does(script: str) -> No
 def test_for_many_refuses_a_script_it_cannot_rewrite() -> None:
     with pytest.raises(ValueError):
         for_many("return #KEYS")
+
+
+def test_for_many_passes_each_argument_as_the_string_redis_py_would_send() -> None:
+    r = fakeredis.FakeRedis()
+    echo = r.register_script(for_many("return {A[1], A[2], A[3], K[1]}\n"))
+    calls: list[tuple[list[str], list[Any]]] = [
+        (["k:1"], ["text", 2**53 - 1, RESULT]), (["k:2"], ["\u00e9", -7, b""])]
+
+    assert echo(*many_call(calls)) == [
+        [b"text", str(2**53 - 1).encode(), RESULT, b"k:1"], ["\u00e9".encode(), b"-7", b"", b"k:2"]]
+
+
+@pytest.mark.parametrize("argument", [2**53, object(), b"\xff"])
+def test_many_call_refuses_what_a_script_could_not_be_sent(argument: Any) -> None:
+    with pytest.raises((TypeError, ValueError)):
+        many_call([(["k:1"], [argument])])
+
+
+@pytest.mark.parametrize("argument", [1.5, None, True])
+def test_for_many_fails_on_an_argument_redis_py_would_refuse(argument: Any) -> None:
+    r = fakeredis.FakeRedis()
+    echo = r.register_script(for_many("return A[1]\n"))
+    with pytest.raises(Exception, match="neither a string nor an integer"):
+        echo(*many_call([(["k:1"], [argument])]))
