@@ -283,6 +283,9 @@ def _load(ledger: Ledger, product_id: int, requests: list[Request]) -> None:
                                    for rec in records})
         ledger.results.update(_committed([rec.request_id for rec in records
                                           if rec.request_id not in ledger.results]))
+    if ops == {"hold"} and product_id != keys.CATALOG:  # a rush: no other row to read
+        _load_holders(ledger, product_id, todo)
+        return
 
     hold_ids = {str(r.args["hold_id"]) for r in todo if r.op == "order"}
     hook_keys = {str(r.args["idempotency_key"]) for r in todo if r.op == "webhook"}
@@ -296,9 +299,7 @@ def _load(ledger: Ledger, product_id: int, requests: list[Request]) -> None:
                        & (Webhook.outcome == "pending"))
     if product_id == keys.CATALOG:  # webhooks for orders of no product: nothing else
         return
-    if ledger.policy.max_qty_per_customer is not None:
-        _load_customer_units(ledger, product_id, {str(r.args["customer_id"]) for r in todo
-                                                  if r.op == "hold" and r.args.get("customer_id")})
+    _load_holders(ledger, product_id, todo)
     if hold_ids:
         _load_holds(ledger, (Hold.id.in_(list(hold_ids))) & (Hold.product == product_id))
         _load_orders(ledger, Order.hold.in_(list(hold_ids)))
@@ -324,6 +325,14 @@ def _load(ledger: Ledger, product_id: int, requests: list[Request]) -> None:
             _load_orders(ledger, Order.id.in_(list(pending)))
             _load_holds(ledger, Hold.id.in_([hold_id_for(o) for o in pending])
                         & (Hold.product == product_id))
+
+
+def _load_holders(ledger: Ledger, product_id: int, todo: list[Request]) -> None:
+    """The units of the product held by the customers of the batch's holds, when a
+    customer may hold only so many."""
+    if ledger.policy.max_qty_per_customer is not None:
+        _load_customer_units(ledger, product_id, {str(r.args["customer_id"]) for r in todo
+                                                  if r.op == "hold" and r.args.get("customer_id")})
 
 
 def _load_customer_units(ledger: Ledger, product_id: int, customers: set[str]) -> None:
@@ -435,6 +444,9 @@ def _update_products(products: list[ProductState]) -> list[Statement]:
 def _write_rest(ledger: Ledger, product_id: int) -> list[Statement]:
     """The statements of what a product's rarer requests changed (peewee queries,
     rendered to be sent with the round's others)."""
+    if not (ledger.dirty_holds or ledger.new_orders or ledger.dirty_orders
+            or ledger.new_webhooks or ledger.dirty_webhooks or ledger.new_idempotency):
+        return []  # (a rush's batch: its new holds are inserted with the round's)
     queries: list[Any] = []
     new_ids = {h.id for h in ledger.new_holds}
     queries += _update_status(Hold, [ledger.holds[i] for i in ledger.dirty_holds

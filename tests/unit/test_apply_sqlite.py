@@ -110,6 +110,22 @@ def test_an_idempotency_key_replays_across_batches() -> None:
         [("holds:k1", first.id)]
 
 
+def test_a_batch_of_holds_alone_counts_what_its_customers_hold_from_earlier_batches() -> None:
+    pid = make_product(stock=10)
+    limited = Policy(hold_ttl_ms=120_000, order_ttl_ms=900_000, max_qty_per_customer=3)
+
+    def held_by(customer: str, qty: int) -> Request:
+        req = hold(pid, qty)
+        return Request(id=req.id, op="hold", args={**req.args, "customer_id": customer})
+
+    apply_batch(pid, [held_by("alice", 2)], limited)
+    second = [held_by("alice", 2), held_by("bob", 3), held_by("alice", 1)]
+    outcome = apply_batch(pid, second, limited)
+
+    assert [outcome.results[r.id].status for r in second] == [409, 201, 201]
+    assert counters(pid) == (10, 6)
+
+
 def test_order_then_paid_webhook_sells_the_units() -> None:
     pid = make_product(stock=5)
     h = hold(pid, 3)
