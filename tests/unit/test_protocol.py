@@ -652,13 +652,14 @@ def test_for_many_passes_each_argument_as_the_string_redis_py_would_send() -> No
         [b"text", str(2**53 - 1).encode(), RESULT, b"k:1"], ["\u00e9".encode(), b"-7", b"", b"k:2"]]
 
 
-@pytest.mark.parametrize("argument", [2**53, object(), b"\xff"])
+@pytest.mark.parametrize("argument", [2**53, -(2**53), 10**5000, object(), b"\xff"],
+                         ids=["2**53", "-2**53", "5001 digits", "object", "not UTF-8"])
 def test_many_call_refuses_what_a_script_could_not_be_sent(argument: Any) -> None:
     with pytest.raises((TypeError, ValueError)):
         many_call([(["k:1"], [argument])])
 
 
-@pytest.mark.parametrize("argument", [1.5, None, True])
+@pytest.mark.parametrize("argument", [1.5, float("nan"), float("inf"), None, True])
 def test_for_many_fails_on_an_argument_redis_py_would_refuse(argument: Any) -> None:
     r = fakeredis.FakeRedis()
     echo = r.register_script(for_many("return A[1]\n"))
