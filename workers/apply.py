@@ -444,9 +444,8 @@ def _update_products(products: list[ProductState]) -> list[Statement]:
 def _write_rest(ledger: Ledger, product_id: int) -> list[Statement]:
     """The statements of what a product's rarer requests changed (peewee queries,
     rendered to be sent with the round's others)."""
-    if not (ledger.dirty_holds or ledger.new_orders or ledger.dirty_orders
-            or ledger.new_webhooks or ledger.dirty_webhooks or ledger.new_idempotency):
-        return []  # (a rush's batch: its new holds are inserted with the round's)
+    if not ledger.changed_more_than_holds():  # (a rush's batch)
+        return []
     queries: list[Any] = []
     new_ids = {h.id for h in ledger.new_holds}
     queries += _update_status(Hold, [ledger.holds[i] for i in ledger.dirty_holds

@@ -419,6 +419,12 @@ class Ledger:
 
     # --- for the writer ---------------------------------------------------------------
 
+    def changed_more_than_holds(self) -> bool:
+        """Whether the batch changed anything but new holds (which the writer inserts
+        with the round's): a status, an order, a webhook or an idempotency record."""
+        return bool(self.dirty_holds or self.new_orders or self.dirty_orders
+                    or self.new_webhooks or self.dirty_webhooks or self.new_idempotency)
+
     def webhook_updates(self) -> list[WebhookState]:
         """Webhooks stored before this batch whose outcome this batch decided."""
         if not self.dirty_webhooks:  # (most batches: no webhook at all)
