@@ -46,8 +46,16 @@ log = logging.getLogger("flashsale.drain")
 DRAIN_JOB_SECONDS = 2.0
 # Queue waits are measured on one round in this many (it costs a round trip).
 QUEUE_WAIT_SAMPLE = 10
-# An idle drain job waits this long for a product to become ready before it leaves.
-LINGER_SECONDS = 0.1
+# An idle drain job waits this long for a product to become ready before it leaves. A
+# crowd comes back within moments (the clients just answered send again; a drop's next
+# products go live), and a job still at work takes their requests at once, where a new
+# one would first have to be started by rq: tens of milliseconds on a busy machine, paid
+# by every burst (docs/BENCHMARKS.md). A waiting job costs nothing: it blocks in BLPOP.
+LINGER_SECONDS = 1.0
+# A job woken from that wait by one ready product lets the products made ready with it
+# join the same round for this long: a burst's first requests arrive over a few
+# milliseconds, and a round of one product pays a whole transaction for one request.
+GATHER_SECONDS = 0.002
 # A round applies at most this many BATCH_SIZE batches' worth of requests, shared by its
 # products, so that one transaction stays well within the drainer's lease.
 ROUND_BATCHES = 10
@@ -109,6 +117,7 @@ def drain(product_id: int | None = None) -> int:
                     popped = conn.blpop([keys.READY], timeout=LINGER_SECONDS)
                     if popped is not None:
                         fresh = _product_ids([cast(tuple[bytes, bytes], popped)[1]])
+                        fresh += _gather(conn, room - 1)
                     elif retire(keys=[keys.READY, keys.DRAINERS], args=[me]):
                         return applied
                     else:
@@ -123,6 +132,15 @@ def drain(product_id: int | None = None) -> int:
     finally:
         conn.zrem(keys.DRAINERS, me)
     return applied
+
+
+def _gather(conn: redis.Redis, room: int) -> list[int]:
+    """After an idle wait ended by one product: up to ``room`` more made ready within
+    GATHER_SECONDS of it."""
+    if room <= 0:
+        return []
+    time.sleep(GATHER_SECONDS)
+    return _product_ids(cast(list[bytes] | None, conn.lpop(keys.READY, room)) or [])
 
 
 def _product_ids(members: list[bytes]) -> list[int]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -10,6 +11,7 @@ import orjson
 import pytest
 import redis
 
+import models
 from flashsale.config import Settings
 from models import Hold, Order, Product, RequestRecord
 from workers import drain as drain_module
@@ -455,3 +457,73 @@ def test_a_ready_list_member_that_is_no_product_id_is_dropped_and_the_rest_drain
     assert_drained(redis_conn, first)
     assert_drained(redis_conn, second)
     assert redis_conn.llen(keys.READY) == 0
+
+
+# --- a drain job with nothing to do -------------------------------------------------------
+
+def start_idle_drain_job(redis_conn: redis.Redis, monkeypatch: pytest.MonkeyPatch
+                         ) -> tuple[threading.Thread, list[int]]:
+    """A drain job (as rq runs it) in a thread of its own, once it waits for work: what
+    it applied is in the list when the thread ends."""
+
+    class Job:
+        id = "drain-job-idle"
+        connection = redis_conn
+
+    monkeypatch.setattr(drain_module, "get_current_job", Job)
+    monkeypatch.setattr(drain_module, "settings", lambda: SETTINGS)
+    applied: list[int] = []
+
+    def run() -> None:
+        try:
+            applied.append(drain_module.drain())
+        finally:
+            models.db.close()  # (this thread's connection)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    waited = time.monotonic() + 10
+    while redis_conn.zscore(keys.DRAINERS, Job.id) is None:  # its heartbeat: it waits
+        assert time.monotonic() < waited, "the drain job never started"
+        time.sleep(0.01)
+    return thread, applied
+
+
+def test_a_burst_within_a_second_of_the_last_is_taken_by_the_job_still_waiting(
+        redis_conn: redis.Redis, new_product: Callable[..., int],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The job lingers (LINGER_SECONDS): the next burst needs no new job from rq."""
+    pid = new_product(stock=5)
+    thread, applied = start_idle_drain_job(redis_conn, monkeypatch)
+    time.sleep(0.5)  # nothing ready for half a second
+
+    envelopes = push_holds(redis_conn, pid, [1, 2], admit=False)
+    thread.join(timeout=10)
+
+    assert not thread.is_alive()
+    assert applied == [2]
+    assert redis_conn.llen(keys.DRAIN_JOBS) == 0  # the pushes enqueued no job
+    assert [job_result(redis_conn, e.id)["status"] for e in envelopes] == [201, 201]
+    assert_drained(redis_conn, pid)
+    assert redis_conn.zscore(keys.DRAINERS, "drain-job-idle") is None  # it left after
+
+
+def test_products_made_ready_together_after_a_wait_share_one_round(
+        redis_conn: redis.Redis, new_product: Callable[..., int],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Woken by the first product, the job gathers those made ready with it
+    (GATHER_SECONDS, long here) into one transaction instead of a round of one."""
+    first, second = new_product(stock=5), new_product(stock=5)
+    monkeypatch.setattr(drain_module, "GATHER_SECONDS", 0.5)
+    thread, applied = start_idle_drain_job(redis_conn, monkeypatch)
+    before = transactions(redis_conn)
+
+    envelopes = push_holds(redis_conn, first, [1], admit=False)
+    envelopes += push_holds(redis_conn, second, [2], admit=False)
+    thread.join(timeout=10)
+
+    assert applied == [2]
+    assert transactions(redis_conn) == before + 1
+    assert [job_result(redis_conn, e.id)["status"] for e in envelopes] == [201, 201]
+    assert_drained(redis_conn, first)
+    assert_drained(redis_conn, second)
