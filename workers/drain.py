@@ -52,6 +52,9 @@ QUEUE_WAIT_SAMPLE = 10
 # one would first have to be started by rq: tens of milliseconds on a busy machine, paid
 # by every burst (docs/BENCHMARKS.md). A waiting job costs nothing: it blocks in BLPOP.
 LINGER_SECONDS = 1.0
+# While it waits, it looks this often for maintenance jobs (the sweep) waiting for a
+# worker, and leaves at once for them: an idle drain job must not hold them up.
+LINGER_STEP_SECONDS = 0.1
 # A job woken from that wait by one ready product lets the products made ready with it
 # join the same round for this long: a burst's first requests arrive over a few
 # milliseconds, and a round of one product pays a whole transaction for one request.
@@ -114,10 +117,9 @@ def drain(product_id: int | None = None) -> int:
                 if not fresh and not drainer.held:
                     # Linger a moment: the clients just answered are about to send their
                     # next requests, and a drainer at work takes them without a new job.
-                    popped = conn.blpop([keys.READY], timeout=LINGER_SECONDS)
+                    popped = _linger(conn)
                     if popped is not None:
-                        fresh = _product_ids([cast(tuple[bytes, bytes], popped)[1]])
-                        fresh += _gather(conn, room - 1)
+                        fresh = popped + _gather(conn, room - 1)
                     elif retire(keys=[keys.READY, keys.DRAINERS], args=[me]):
                         return applied
                     else:
@@ -132,6 +134,19 @@ def drain(product_id: int | None = None) -> int:
     finally:
         conn.zrem(keys.DRAINERS, me)
     return applied
+
+
+def _linger(conn: redis.Redis) -> list[int] | None:
+    """Wait up to LINGER_SECONDS for a product to become ready; the one popped, or None
+    when none came (or a maintenance job waits for this worker)."""
+    until = time.monotonic() + LINGER_SECONDS
+    while True:
+        left = until - time.monotonic()
+        popped = conn.blpop([keys.READY], timeout=max(0.01, min(LINGER_STEP_SECONDS, left)))
+        if popped is not None:
+            return _product_ids([cast(tuple[bytes, bytes], popped)[1]])
+        if left <= LINGER_STEP_SECONDS or conn.llen(keys.MAINTENANCE_JOBS):
+            return None
 
 
 def _gather(conn: redis.Redis, room: int) -> list[int]:

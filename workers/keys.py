@@ -89,9 +89,10 @@ WOKEN = f"{PREFIX}:woken"
 SWEEP_CURSOR = f"{PREFIX}:sweep:cursor"
 # Drain jobs at work: member = rq job id, score = heartbeat (ms since the epoch).
 DRAINERS = f"{PREFIX}:drainers"
-# rq's own list of drain jobs not yet started (rq.Queue.key), and set of the workers
-# that listen on the drain queue.
+# rq's own lists of drain and maintenance jobs not yet started (rq.Queue.key), and set
+# of the workers that listen on the drain queue.
 DRAIN_JOBS = f"rq:queue:{DRAIN_QUEUE}"
+MAINTENANCE_JOBS = f"rq:queue:{MAINTENANCE_QUEUE}"
 DRAIN_WORKERS = f"rq:workers:{DRAIN_QUEUE}"
 
 

@@ -12,6 +12,7 @@ import aiohttp
 import pymysql
 import pytest
 import redis
+from rq.registry import StartedJobRegistry
 
 from tests.e2e.harness import Api, ServiceFactory, ServiceInstance
 from tests.random_refs import random_event_id
@@ -73,6 +74,21 @@ async def settled(conn: redis.Redis, instance: ServiceInstance, product_id: int)
             return
         await asyncio.sleep(0.05)
     raise AssertionError(f"product {product_id} still held by a drainer after 10 s")
+
+
+async def no_sweep_to_come(instance: ServiceInstance) -> None:
+    """With the scheduler paused: wait until no sweep it enqueued before waits for a
+    worker or runs (a sweep wakes products whose queue has work but no drainer)."""
+    control = redis.Redis.from_url(instance.env["REDIS_URL"])
+    started = StartedJobRegistry(keys.MAINTENANCE_QUEUE, connection=control)
+    try:
+        for _ in range(200):
+            if not control.llen(keys.MAINTENANCE_JOBS) and not started.count:
+                return
+            await asyncio.sleep(0.05)
+    finally:
+        control.close()
+    raise AssertionError("a sweep still waits or runs after 10 s")
 
 
 async def mixed_workload(api: Api) -> list[int]:
@@ -191,6 +207,7 @@ async def test_audit_finds_a_lost_wake_up_and_an_applied_request_still_queued(
                      args={"product_id": pid, "qty": 1, "hold_id": keys.new_id("hold", pid)})
     await settled(conn, damaged, pid)
     with damaged.paused("scheduler"):
+        await no_sweep_to_come(damaged)
         # queued behind the service's back: no wake flag, no ready list, no drainer
         again = Envelope(id=job_id, op="hold", args={"product_id": pid, "qty": 1,
                                                       "hold_id": applied["hold_id"]})

@@ -527,3 +527,18 @@ def test_products_made_ready_together_after_a_wait_share_one_round(
     assert [job_result(redis_conn, e.id)["status"] for e in envelopes] == [201, 201]
     assert_drained(redis_conn, first)
     assert_drained(redis_conn, second)
+
+
+def test_a_waiting_drain_job_leaves_at_once_for_a_maintenance_job(
+        redis_conn: redis.Redis, mysql_db: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The sweep must not wait behind an idle drain job: the worker runs it next."""
+    thread, applied = start_idle_drain_job(redis_conn, monkeypatch)
+    time.sleep(0.2)
+
+    queued = time.monotonic()
+    redis_conn.rpush(keys.MAINTENANCE_JOBS, "a-sweep-job-id")
+    thread.join(timeout=10)
+
+    assert applied == [0]
+    assert time.monotonic() - queued < drain_module.LINGER_SECONDS / 2
+    assert redis_conn.zscore(keys.DRAINERS, "drain-job-idle") is None
