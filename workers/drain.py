@@ -90,8 +90,8 @@ def drain(product_id: int | None = None) -> int:
     Products that become ready meanwhile join the next round while there is room; when
     there is none, the job hands its products back to the end of the ready list after the
     round, so many hot products share the drainers fairly and none waits for long. The
-    job leaves when nothing is ready, or hands over to a fresh job after
-    DRAIN_JOB_SECONDS.
+    job leaves when nothing has been ready for LINGER_SECONDS (at once when a maintenance
+    job waits for its worker), or hands over to a fresh job after DRAIN_JOB_SECONDS.
     """
     job = get_current_job()
     planes = planes_for(job.connection) if job is not None else Planes.connect(settings())

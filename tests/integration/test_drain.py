@@ -432,6 +432,19 @@ def test_a_product_that_fails_the_shared_transaction_fails_alone(
     assert_applied_once(good_envs, good)
 
 
+def as_drain_job(redis_conn: redis.Redis, monkeypatch: pytest.MonkeyPatch,
+                 job_id: str) -> None:
+    """``drain_module.drain()`` called from here runs as rq would run the job ``job_id``
+    on ``redis_conn``, with this module's settings."""
+
+    class Job:
+        id = job_id
+        connection = redis_conn
+
+    monkeypatch.setattr(drain_module, "get_current_job", Job)
+    monkeypatch.setattr(drain_module, "settings", lambda: SETTINGS)
+
+
 def test_a_ready_list_member_that_is_no_product_id_is_dropped_and_the_rest_drained(
         redis_conn: redis.Redis, new_product: Callable[..., int],
         monkeypatch: pytest.MonkeyPatch) -> None:
@@ -442,13 +455,7 @@ def test_a_ready_list_member_that_is_no_product_id_is_dropped_and_the_rest_drain
     envelopes += push_holds(redis_conn, second, [2], admit=False)
     redis_conn.delete(keys.READY)
     redis_conn.rpush(keys.READY, b"\xff\xfe", first, "1.5", second, "9" * 5000, "\u0661")
-
-    class Job:
-        id = "drain-job-test"
-        connection = redis_conn
-
-    monkeypatch.setattr(drain_module, "get_current_job", Job)
-    monkeypatch.setattr(drain_module, "settings", lambda: SETTINGS)
+    as_drain_job(redis_conn, monkeypatch, "drain-job-test")
     monkeypatch.setattr(drain_module, "DRAIN_JOB_SECONDS", 1.0)
 
     assert drain_module.drain() == 2
@@ -465,13 +472,8 @@ def start_idle_drain_job(redis_conn: redis.Redis, monkeypatch: pytest.MonkeyPatc
                          ) -> tuple[threading.Thread, list[int]]:
     """A drain job (as rq runs it) in a thread of its own, once it waits for work: what
     it applied is in the list when the thread ends."""
-
-    class Job:
-        id = "drain-job-idle"
-        connection = redis_conn
-
-    monkeypatch.setattr(drain_module, "get_current_job", Job)
-    monkeypatch.setattr(drain_module, "settings", lambda: SETTINGS)
+    job_id = "drain-job-idle"
+    as_drain_job(redis_conn, monkeypatch, job_id)
     applied: list[int] = []
 
     def run() -> None:
@@ -483,7 +485,7 @@ def start_idle_drain_job(redis_conn: redis.Redis, monkeypatch: pytest.MonkeyPatc
     thread = threading.Thread(target=run, daemon=True)
     thread.start()
     waited = time.monotonic() + 10
-    while redis_conn.zscore(keys.DRAINERS, Job.id) is None:  # its heartbeat: it waits
+    while redis_conn.zscore(keys.DRAINERS, job_id) is None:  # its heartbeat: it waits
         assert time.monotonic() < waited, "the drain job never started"
         time.sleep(0.01)
     return thread, applied
