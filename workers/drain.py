@@ -115,8 +115,8 @@ def drain(product_id: int | None = None) -> int:
                 pipe.lpop(keys.READY, room - len(drainer.held))
                 fresh = _product_ids(cast(list[bytes] | None, pipe.execute()[1]) or [])
                 if not fresh and not drainer.held:
-                    # Linger a moment: the clients just answered are about to send their
-                    # next requests, and a drainer at work takes them without a new job.
+                    # Wait for the next burst (LINGER_SECONDS), gather what comes with
+                    # its first product, or leave.
                     popped = _linger(conn)
                     if popped is not None:
                         fresh = popped + _gather(conn, room - 1)
